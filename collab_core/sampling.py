@@ -1,0 +1,81 @@
+"""Samplers as short pure functions over a denoiser, in the manner of k-diffusion's ``sampling.py``.
+
+A denoiser is ``eps = denoiser(x_t, t)`` with ``t`` the int64 DDPM timestep per batch element. The
+collaborative model, a single uni-modal branch and a test double are all denoisers, so one sampler serves
+all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .schedule import DDIMSchedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseSampler = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def default_noise_sampler(generator: Optional[torch.Generator]) -> NoiseSampler:
+    """One full-size standard-normal draw per step from ``generator`` (the reference's ``noise_like``)."""
+
+    def draw(step: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    return draw
+
+
+def initial_latent(shape, generator: Optional[torch.Generator] = None, device="cpu",
+                   dtype=torch.float32) -> torch.Tensor:
+    """x_T: the first draw of the sampler's generator, as in the reference."""
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, sigma: float,
+              sqrt_one_minus_a_t: float, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update; returns (x_prev, pred_x0).
+
+    The coefficients become (B,1,1,1) float32 tensors and their square roots are taken by torch, because the
+    reference does exactly that and torch's float32 sqrt is not always correctly rounded.
+    """
+    full = lambda v: torch.full((x.shape[0], 1, 1, 1), float(v), device=x.device, dtype=x.dtype)
+    a_t, a_prev, sigma, sqrt_one_minus_a_t = full(a_t), full(a_prev), full(sigma), full(sqrt_one_minus_a_t)
+    pred_x0 = (x - sqrt_one_minus_a_t * eps) / a_t.sqrt()
+    dir_xt = (1.0 - a_prev - sigma ** 2).sqrt() * eps
+    x_prev = a_prev.sqrt() * pred_x0 + dir_xt + sigma * noise * 1.0
+    return x_prev, pred_x0
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: DDIMSchedule, *,
+                noise_sampler: Optional[NoiseSampler] = None, generator: Optional[torch.Generator] = None,
+                callback: Optional[Callable[[dict], None]] = None, progress: bool = True) -> torch.Tensor:
+    """The reference DDIM loop from ``x`` = x_T; returns z_0.
+
+    A noise draw happens after every network call even when eta = 0, so a seeded generator reproduces the
+    reference's stream. ``callback`` receives ``{"i", "t", "x", "x_prev", "pred_x0", "eps"}`` after each step and
+    may raise to stop sampling (interrupt).
+    """
+    draw = noise_sampler or default_noise_sampler(generator)
+    steps = len(schedule)
+    for i in tqdm(range(steps), desc="DDIM", disable=not progress, leave=False):
+        t = torch.full((x.shape[0],), int(schedule.timesteps[i]), device=x.device, dtype=torch.long)
+        eps = denoiser(x, t)
+        noise = draw(i, x)
+        x_prev, pred_x0 = ddim_step(x, eps, schedule.a_t[i], schedule.a_prev[i], schedule.sigma[i],
+                                    schedule.sqrt_one_minus_a_t[i], noise)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x_prev": x_prev, "pred_x0": pred_x0, "eps": eps})
+        x = x_prev
+    return x
+
+
+def recorded_noise_sampler(noises) -> NoiseSampler:
+    """Replay recorded per-step draws (e.g. from golden data) instead of drawing new ones."""
+
+    def replay(step: int, x: torch.Tensor) -> torch.Tensor:
+        return noises[step].to(device=x.device, dtype=x.dtype)
+
+    return replay

@@ -1,0 +1,107 @@
+"""The noise schedule and DDIM coefficients, computed the way the reference computes them.
+
+The reference mixes float64 numpy and float32 torch arithmetic in a particular order; reproducing its
+outputs bit for bit means reproducing that order, so the formulas below are deliberately not simplified.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+#: The official schedule (configs/512_*.yaml): linear in sqrt(beta) space, 1000 steps.
+LINEAR_START = 0.0015
+LINEAR_END = 0.0195
+NUM_TIMESTEPS = 1000
+
+
+def make_betas(linear_start: float = LINEAR_START, linear_end: float = LINEAR_END,
+               num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
+    """float64 betas: squares of a float64 linspace between the square roots of the ends."""
+    return (torch.linspace(linear_start ** 0.5, linear_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2).numpy()
+
+
+def make_alphas_cumprod(linear_start: float = LINEAR_START, linear_end: float = LINEAR_END,
+                        num_timesteps: int = NUM_TIMESTEPS) -> torch.Tensor:
+    """alphas_cumprod as the reference stores it: cumulative product in float64, stored as float32."""
+    alphas = 1.0 - make_betas(linear_start, linear_end, num_timesteps)
+    return torch.tensor(np.cumprod(alphas, axis=0), dtype=torch.float32)
+
+
+def ddim_timesteps(steps: int, num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
+    """The reference's "uniform" DDIM timesteps, ascending: 0, c, 2c, ... < T, plus one.
+
+    When ``steps`` does not divide ``num_timesteps`` the reference visits more steps than asked
+    (e.g. 7 -> 8); we keep that behaviour for parity and warn. A list reaching ``T`` would index past
+    the schedule (the reference crashes), so it is refused with the nearest step counts that work.
+    """
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    if steps > num_timesteps:
+        raise ConfigError(f"steps={steps} is more than the model's {num_timesteps} training timesteps; use at most {num_timesteps}")
+    stride = num_timesteps // steps
+    timesteps = np.arange(0, num_timesteps, stride, dtype=np.int64) + 1
+    if timesteps[-1] >= num_timesteps:
+        usable = [s for s in range(1, num_timesteps + 1) if (np.arange(0, num_timesteps, num_timesteps // s)[-1] + 1) < num_timesteps]
+        nearest = sorted(usable, key=lambda s: (abs(s - steps), s))[:2]
+        raise ConfigError(
+            f"steps={steps} gives a timestep of {timesteps[-1]}, past the end of the {num_timesteps}-step schedule "
+            f"(the reference crashes here); use steps={nearest[0]} or {nearest[1]} instead"
+        )
+    if len(timesteps) != steps:
+        warnings.warn(
+            f"steps={steps} does not divide {num_timesteps}: like the reference, sampling takes {len(timesteps)} steps "
+            f"(stride {stride}); choose a divisor of {num_timesteps} (10, 20, 25, 50, 100, ...) to get exactly {steps}",
+            stacklevel=2,
+        )
+    return timesteps
+
+
+@dataclass(frozen=True)
+class DDIMSchedule:
+    """Per-step DDIM coefficients in the order the steps are taken (highest timestep first).
+
+    The four coefficient rows are float32, as the reference feeds them to the update (``torch.full``).
+    """
+
+    timesteps: torch.Tensor  # int64 (S,) descending: the DDPM timestep each step feeds to the networks
+    a_t: torch.Tensor
+    a_prev: torch.Tensor
+    sigma: torch.Tensor
+    sqrt_one_minus_a_t: torch.Tensor
+    eta: float
+
+    def __len__(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float) -> DDIMSchedule:
+    """DDIM coefficients for ``steps`` uniform steps and stochasticity ``eta`` (0 = deterministic)."""
+    if eta < 0:
+        raise ConfigError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = the reference's default), got {eta}")
+    ac = alphas_cumprod.detach().to("cpu", torch.float32)
+    ts = ddim_timesteps(steps, int(ac.shape[0]))
+    alphas = ac[ts]  # float32 tensor
+    alphas_prev = np.asarray([float(ac[0])] + ac[ts[:-1]].tolist())  # float64 values of float32 numbers
+    # Order matters for bit parity: the reference takes the float32 reciprocal of the float32 (1 - a_t)
+    # (numpy hands ndarray / Tensor to Tensor.__rtruediv__), and does the rest in float64.
+    one_minus_prev = torch.from_numpy(1.0 - alphas_prev)
+    recip = (1.0 - alphas).reciprocal().to(torch.float64)
+    ratio = 1.0 - alphas.to(torch.float64) / torch.from_numpy(alphas_prev)
+    sigmas = eta * torch.sqrt(recip * one_minus_prev * ratio)
+    # float64 sqrt of a float32 value, rounded to float32, is the correctly rounded float32 sqrt (as numpy's).
+    sqrt_one_minus = torch.sqrt((1.0 - alphas).to(torch.float64)).to(torch.float32)
+    order = torch.arange(len(ts) - 1, -1, -1)
+    return DDIMSchedule(
+        timesteps=torch.from_numpy(ts)[order].clone(),
+        a_t=alphas[order].clone(),
+        a_prev=torch.from_numpy(alphas_prev)[order].to(torch.float32),
+        sigma=sigmas[order].to(torch.float32),
+        sqrt_one_minus_a_t=sqrt_one_minus[order],
+        eta=float(eta),
+    )
