@@ -1,0 +1,171 @@
+"""``python -m collab_core``: generate pictures, convert checkpoints, describe files.
+
+A thin layer over the Python API; every failure the user can fix ends in one clear message, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import CollabError
+
+DEFAULT_TEXT = "This man has beard of medium length. He is in his thirties."
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--checkpoints", type=Path, default=None,
+                   help="directory with the official files (*_text, *_mask, *_vae, *_codiff_mask_text; .ckpt or .safetensors)")
+    g.add_argument("--text-model", type=Path, help="uni-modal text LDM (e.g. 512_text.ckpt)")
+    g.add_argument("--mask-model", type=Path, help="uni-modal mask LDM (e.g. 512_mask.ckpt)")
+    g.add_argument("--vae", type=Path, help="VAE (e.g. 512_vae.ckpt); optional when another file holds one")
+    g.add_argument("--diffuser", type=Path, help="collaborative checkpoint with the dynamic diffusers (e.g. 512_codiff_mask_text.ckpt)")
+    g.add_argument("--config", type=Path, action="append", default=[],
+                   help="official-format YAML for what weights cannot tell (attention heads, scale factor); "
+                        "repeatable; configs named like the checkpoints in ./configs or ../configs are found automatically")
+    g.add_argument("--prefix", default=None, help="which set to use when a directory holds several (e.g. 512 or 256)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    g.add_argument("--half", action="store_true", help="run the networks in float16 (GPU)")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50, as the reference)")
+    g.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 = the reference's default, 0 = deterministic")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
+    g.add_argument("--batch", type=int, default=1, help="pictures per run")
+    g.add_argument("--size", type=int, default=None,
+                   help="picture size in pixels (default: the model's native size, 512 or 256)")
+    g.add_argument("--mask-schedule", default="cosine_decay", choices=["cosine_decay", "linear_decay", "none"],
+                   help="time schedule of the mask influence (reference: cosine_decay)")
+    g.add_argument("--mask-scale", type=float, default=2.0,
+                   help="boost of the mask influence after the schedule (reference: 2.0; 1 = none)")
+    g.add_argument("--plain-softmax", action="store_true",
+                   help="use the dynamic diffusers' softmax as is (the training-time fusion), no schedule or boost")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m collab_core",
+                                     description="Collaborative Diffusion: multi-modal face generation from text and masks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate pictures from a caption and/or a segmentation mask")
+    gen.add_argument("--text", default=None, help=f"caption (default in collaborative mode: {DEFAULT_TEXT!r})")
+    gen.add_argument("--mask", type=Path, default=None,
+                     help="segmentation mask: indexed PNG (reference test_data), grey label PNG (0..18) or CelebAMask-HQ colour image")
+    gen.add_argument("--mode", choices=["auto", "collaborative", "text", "mask"], default="auto",
+                     help="auto: every branch whose condition is given; text/mask: that branch alone")
+    gen.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default ./outputs)")
+    gen.add_argument("--save-influence", action="store_true",
+                     help="also save each branch's influence map over the steps as a picture")
+    _add_model_options(gen)
+    _add_sampling_options(gen)
+
+    conv = sub.add_parser("convert", help="split a checkpoint into one .safetensors per part (weights only)")
+    conv.add_argument("input", type=Path)
+    conv.add_argument("out_dir", type=Path)
+
+    info = sub.add_parser("info", help="describe what a checkpoint holds")
+    info.add_argument("input", type=Path)
+    return parser
+
+
+def _device(name: str):
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .fusion import BranchInfluence, InfluenceConfig
+    from .models import load_pipeline
+
+    device = _device(args.device)
+    dtype = torch.float16 if args.half else torch.float32
+    if args.half and device.type == "cpu":
+        raise CollabError("--half needs a GPU (float16 convolutions are slow or missing on the CPU); drop --half")
+    pipe = load_pipeline(args.checkpoints, text_model=args.text_model, mask_model=args.mask_model, vae=args.vae,
+                         diffuser=args.diffuser, configs=args.config, prefix=args.prefix, device=device, dtype=dtype,
+                         image_size=args.size)
+    conditions = {}
+    wanted = {"auto": None, "collaborative": {"text", "mask"}, "text": {"text"}, "mask": {"mask"}}[args.mode]
+    text = args.text
+    if text is None and (wanted and "text" in wanted or (wanted is None and args.mask is None)):
+        text = DEFAULT_TEXT
+    if text is not None and "text" in pipe.names and (wanted is None or "text" in wanted):
+        conditions["text"] = text
+    if args.mask is not None and "mask" in pipe.names and (wanted is None or "mask" in wanted):
+        conditions["mask"] = args.mask
+    missing = (wanted or set()) - set(conditions)
+    if missing:
+        need = " and ".join(f"--{m}" + (" (and a loaded mask model)" if m == "mask" else "") for m in sorted(missing))
+        raise CollabError(f"--mode {args.mode} needs {need}; loaded branches: {', '.join(pipe.names)}")
+    if not conditions:
+        raise CollabError(f"nothing to condition on: give --text and/or --mask (loaded branches: {', '.join(pipe.names)})")
+    if args.plain_softmax:
+        influence = InfluenceConfig.plain()
+    else:
+        influence = InfluenceConfig({
+            "mask": BranchInfluence(schedule=args.mask_schedule, scale_factor=None if args.mask_scale == 1 else args.mask_scale),
+            "text": BranchInfluence(complement=args.mask_schedule != "none"),
+        })
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    started = time.perf_counter()
+    result = pipe.generate(conditions=conditions, batch=args.batch, steps=args.steps, eta=args.eta, seed=seed,
+                           influence=influence, progress=sys.stderr.isatty())
+    paths = result.save(args.out, influence=args.save_influence)
+    (args.out / "settings.json").write_text(json.dumps({
+        "conditions": {k: str(v) for k, v in conditions.items()}, "branches": pipe.names, "steps": args.steps,
+        "eta": args.eta, "seed": seed, "batch": args.batch, "device": str(device), "dtype": str(dtype).split(".")[-1],
+        "influence": "plain" if args.plain_softmax else {"mask_schedule": args.mask_schedule, "mask_scale": args.mask_scale},
+    }, indent=2))
+    used = ", ".join(f"{k}" for k in conditions)
+    print(f"generated {args.batch} picture(s) from {used} with {', '.join(pipe.names)} branch(es), seed {seed}, "
+          f"{args.steps} steps in {time.perf_counter() - started:.1f} s -> {args.out}")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import read_checkpoint_metadata, read_state_dict
+    from .layout import split_checkpoint, write_parts
+
+    parts = split_checkpoint(read_state_dict(args.input), read_checkpoint_metadata(args.input))
+    paths = write_parts(parts, args.out_dir, args.input.name)
+    print(f"{args.input.name}: {parts.describe()}")
+    for p in paths:
+        print(f"  wrote {p}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import read_checkpoint_metadata, read_state_dict
+    from .layout import split_checkpoint
+
+    parts = split_checkpoint(read_state_dict(args.input), read_checkpoint_metadata(args.input))
+    print(f"{args.input.name}: {parts.describe()}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"generate": cmd_generate, "convert": cmd_convert, "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except CollabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
