@@ -1,0 +1,183 @@
+"""Time one collaborative denoising step of the official 512 configuration (random weights, no files).
+
+Prints, measured in this one run:
+  * the collaborative step (2 UNets + 2 dynamic diffusers + fusion) — median of --repeat runs;
+  * the floor: the sum of the four networks' bare forwards, each timed alone;
+  * the fusion overhead: step / floor − 1 (target ≤ 5 %);
+  * peak memory (CPU: max RSS of the process; CUDA: max allocated);
+  * with --reference DIR (a checkout of the authors' code, optional): the reference's step on the same
+    weights and inputs, the largest difference between the two fused predictions and our speed-up.
+
+    python bench/step_time.py [--device cpu|cuda] [--batch 1] [--repeat 3] [--half] [--reference DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from collab_core.fusion import InfluenceConfig  # noqa: E402
+from collab_core.pipeline import Branch, CollaborativePipeline, unet_eps  # noqa: E402
+from collab_core.unet import official_unet_config, unet_state_dict_to_ldm  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat):
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _Encoder(torch.nn.Module):
+    """Stands in for a condition encoder: the bench feeds ready-made tokens."""
+
+    def encode(self, tokens):
+        return tokens
+
+
+def random_network(kind: str, device, dtype, seed: int) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    net = UNet2DConditionModel(**official_unet_config(kind).diffusers_kwargs())
+    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def reference_step_fn(ref_dir: Path, nets: dict, x, t, ctx, device):
+    """The reference's ComposeUNet on our weights (converted back to its layout), when its code imports."""
+    sys.path.insert(0, str(ref_dir))
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel  # the authors' code, run only here
+
+    def ldm_net(kind, ours):
+        official = official_unet_config(kind)
+        cfg = dict(image_size=64, in_channels=3, out_channels=3 if kind == "unet" else 1,
+                   model_channels=192 if kind == "unet" else 32, attention_resolutions=[8, 4, 2], num_res_blocks=2,
+                   channel_mult=[1, 2, 3, 5], num_heads=32, use_spatial_transformer=True, transformer_depth=1,
+                   context_dim=640, use_checkpoint=True, legacy=False)
+        net = UNetModel(**cfg)
+        net.load_state_dict(unet_state_dict_to_ldm(ours.state_dict(), official), strict=True)
+        return net.to(device).eval()
+
+    ref = {name: ldm_net("unet" if name.endswith("unet") else "diffuser", net) for name, net in nets.items()}
+    try:
+        from ldm.models.diffusion.compose_modules import ComposeUNet  # needs pytorch_lightning and omegaconf
+
+        class Wrap(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.diffusion_model = m
+
+            def forward(self, x, t, c_crossattn):
+                return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+
+        compose = ComposeUNet.__new__(ComposeUNet)
+        torch.nn.Module.__init__(compose)
+        compose.conditions = ["seg_mask", "text"]
+        compose.return_confidence_map = False
+        compose.seg_mask_scale_factor, compose.seg_mask_schedule = 2.0, "cosine_decay"
+        compose.softmax_twice, compose.boost_factor, compose.manual_prob = False, 1.0, 1.0
+        compose.return_each_branch, compose.confidence_input = False, "x_t"
+        compose.seg_mask_unet, compose.text_unet = Wrap(ref["mask_unet"]), Wrap(ref["text_unet"])
+        compose.seg_mask_confidence_predictor = Wrap(ref["mask_diffuser"])
+        compose.text_confidence_predictor = Wrap(ref["text_diffuser"])
+        label = "reference ComposeUNet.forward"
+
+        def step():
+            return compose(x, t, {"seg_mask": ctx["mask"], "text": ctx["text"]})
+    except ImportError as e:  # pragma: no cover - depends on the reference's environment
+        from collab_core.fusion import fuse
+
+        label = f"reference UNetModel x4 + fusion (ComposeUNet not importable: {e})"
+
+        def step():
+            em = ref["mask_unet"](x, t, context=ctx["mask"])
+            et = ref["text_unet"](x, t, context=ctx["text"])
+            lm = ref["mask_diffuser"](x, t, context=ctx["mask"])
+            lt = ref["text_diffuser"](x, t, context=ctx["text"])
+            return fuse([em, et], [lm, lt], ["mask", "text"], t, InfluenceConfig.reference()).eps
+    return label, step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--half", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reference", type=Path, default=None, help="checkout of the authors' repository (optional)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float16 if args.half else torch.float32
+
+    nets = {
+        "mask_unet": random_network("unet", device, dtype, 1),
+        "text_unet": random_network("unet", device, dtype, 2),
+        "mask_diffuser": random_network("diffuser", device, dtype, 3),
+        "text_diffuser": random_network("diffuser", device, dtype, 4),
+    }
+    pipe = CollaborativePipeline(
+        [Branch("mask", nets["mask_unet"], _Encoder(), nets["mask_diffuser"]),
+         Branch("text", nets["text_unet"], _Encoder(), nets["text_diffuser"])],
+        vae=None, scale_factor=0.141, influence=InfluenceConfig.reference())
+    g = torch.Generator().manual_seed(0)
+    b = args.batch
+    x = torch.randn(b, 3, 64, 64, generator=g).to(device, dtype)
+    t = torch.full((b,), 501, dtype=torch.long, device=device)
+    ctx = {"mask": torch.randn(b, 19, 640, generator=g).to(device, dtype),
+           "text": torch.randn(b, 77, 640, generator=g).to(device, dtype)}
+
+    with torch.inference_mode():
+        pipe.step(x, t, ctx)  # warm-up (allocator, kernels)
+        bare = {}
+        for name, net in nets.items():
+            c = ctx[name.split("_")[0]]
+            bare[name] = timed(lambda: unet_eps(net, x, t, c), device, args.repeat)
+        step = timed(lambda: pipe.step(x, t, ctx), device, args.repeat)
+        floor = sum(bare.values())
+
+        print(f"device {device}, dtype {str(dtype).split('.')[-1]}, batch {b}, threads {torch.get_num_threads()}, "
+              f"median of {args.repeat}")
+        for name, s in bare.items():
+            print(f"  bare forward {name:14s} {s * 1000:9.1f} ms")
+        print(f"floor (sum of the four bare forwards) {floor * 1000:9.1f} ms")
+        print(f"collaborative step                    {step * 1000:9.1f} ms")
+        print(f"fusion overhead                       {100 * (step / floor - 1):+8.2f} %  (step / floor = {step / floor:.4f})")
+        if device.type == "cuda":
+            print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on the GPU")
+        else:
+            print(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB max RSS")
+
+        if args.reference is not None:
+            ours = pipe.step(x, t, ctx).eps
+            gc.collect()
+            label, ref_step = reference_step_fn(args.reference, nets, x, t, ctx, device)
+            theirs = ref_step()
+            diff = (ours.float() - theirs.float()).abs().max().item()
+            ref_time = timed(ref_step, device, args.repeat)
+            print(f"{label}: {ref_time * 1000:9.1f} ms")
+            print(f"max |ours - reference| of the fused eps: {diff:.2e}")
+            print(f"speed-up over the reference: x{ref_time / step:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Whole models from files: find the official checkpoints, read their parts, build the networks.
+
+Precedence follows the reference: a collaborative (codiff) file overrides the uni-modal files, which override
+the separate VAE file. The codiff file alone holds every inference weight, so it is enough by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .checkpoint import read_checkpoint_metadata, read_state_dict
+from .errors import BranchMismatchError, CheckpointError
+from .fusion import InfluenceConfig
+from .layout import CheckpointParts, split_checkpoint
+from .mask_encoder import MaskEncoder
+from .pipeline import Branch, CollaborativePipeline
+from .schedule import make_alphas_cumprod
+from .text_encoder import TextEncoder
+from .unet import build_unet
+from .vae import build_vae, default_scale_factor, infer_vae_config
+from .yaml_config import OfficialConfig, read_official_config
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
+ROLES = ("collaborative", "text", "mask", "vae")
+PART_SUFFIXES = ("_unet", "_diffuser", "_text_encoder", "_mask_encoder")
+WHERE_TO_GET = (
+    "The official checkpoints (512_text.ckpt, 512_mask.ckpt, 512_vae.ckpt, 512_codiff_mask_text.ckpt and the 256 set) "
+    "are linked from https://github.com/ziqihuangg/Collaborative-Diffusion (README, 'Download' section; "
+    "S-Lab License 1.0, non-commercial use only). Put them in one directory and pass --checkpoints DIR, "
+    "or give them one by one with --text-model/--mask-model/--vae/--diffuser."
+)
+DEFAULT_SEARCH_DIRS = (Path("pretrained"), Path("checkpoints"))
+
+
+def role_of(path: Path) -> Optional[str]:
+    """The official file names: ``<size>_codiff_mask_text``, ``<size>_text``, ``<size>_mask``, ``<size>_vae``."""
+    stem = path.name
+    for ext in EXTENSIONS:
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    else:
+        return None
+    if "codiff" in stem:
+        return "collaborative"
+    if stem.endswith(PART_SUFFIXES):  # files written by `python -m collab_core convert`
+        return "part:" + stem
+    for role in ("text", "mask", "vae"):
+        if stem.endswith("_" + role) or stem == role:
+            return role
+    return None
+
+
+def find_checkpoints(directory: Path | str, prefix: Optional[str] = None) -> dict[str, Path]:
+    """Map each role to its file in ``directory``; .safetensors wins over .ckpt of the same name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist. {WHERE_TO_GET}")
+    found: dict[str, list[Path]] = {}
+    for path in sorted(directory.iterdir()):
+        role = role_of(path)
+        if role is None or not path.is_file():
+            continue
+        if prefix is not None and not path.name.startswith(str(prefix)):
+            continue
+        found.setdefault(role, []).append(path)
+    chosen = {}
+    for role, paths in found.items():
+        stems = {}
+        for p in paths:
+            stem = p.name[: -len(p.suffix)]
+            if stem not in stems or p.suffix == ".safetensors":
+                stems[stem] = p
+        if len(stems) > 1:
+            names = ", ".join(sorted(p.name for p in stems.values()))
+            raise CheckpointError(
+                f"{directory} holds several {role} checkpoints ({names}); choose one set with --prefix (e.g. --prefix 512)"
+            )
+        chosen[role] = next(iter(stems.values()))
+    return chosen
+
+
+def find_config(checkpoint: Path) -> Optional[Path]:
+    """An official YAML named like the checkpoint: beside it, in ./configs or in ../configs (the reference's layout)."""
+    stem = checkpoint.name[: -len(checkpoint.suffix)]
+    for candidate in (checkpoint.with_suffix(".yaml"), checkpoint.parent / "configs" / f"{stem}.yaml",
+                      checkpoint.parent.parent / "configs" / f"{stem}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass
+class LoadedParts:
+    """Parts gathered from several files, later files overriding earlier ones."""
+
+    unets: dict = field(default_factory=dict)
+    diffusers: dict = field(default_factory=dict)
+    text_encoders: dict = field(default_factory=dict)
+    mask_encoders: dict = field(default_factory=dict)
+    vae: Optional[dict] = None
+    schedule: dict = field(default_factory=dict)
+    modalities: list = field(default_factory=list)
+    sources: dict = field(default_factory=dict)
+
+    def add(self, parts: CheckpointParts, source: str) -> None:
+        for attr in ("unets", "diffusers", "text_encoders", "mask_encoders"):
+            for name, sd in getattr(parts, attr).items():
+                getattr(self, attr)[name] = sd
+                self.sources[f"{attr}:{name}"] = source
+        if parts.vae is not None:
+            self.vae = parts.vae
+            self.sources["vae"] = source
+        self.schedule.update(parts.schedule or {})
+        for m in parts.modalities:
+            if m not in self.modalities:
+                self.modalities.append(m)
+
+
+def read_parts(path: Path) -> CheckpointParts:
+    path = Path(path)
+    return split_checkpoint(read_state_dict(path), read_checkpoint_metadata(path))
+
+
+def merge_configs(paths: Iterable[Path]) -> OfficialConfig:
+    """Later configs fill what earlier ones left unset."""
+    merged = OfficialConfig()
+    for p in paths:
+        cfg = read_official_config(p)
+        for name, value in vars(cfg).items():
+            current = getattr(merged, name, None)
+            if isinstance(current, dict) and isinstance(value, dict):
+                setattr(merged, name, {**value, **current})
+            elif isinstance(current, list) and isinstance(value, list):
+                current.extend(value)
+            elif value is not None and current is None:
+                setattr(merged, name, value)
+    return merged
+
+
+def _branch_order(modalities: Sequence[str]) -> list[str]:
+    # The reference's softmax channel order is mask first, then text; other names keep their order after.
+    first = [m for m in ("mask", "text") if m in modalities]
+    return first + [m for m in modalities if m not in first]
+
+
+def _encoder_for(name: str, parts: LoadedParts, cfg: OfficialConfig, device, dtype):
+    if name in parts.text_encoders:
+        enc = TextEncoder.from_state_dict(parts.text_encoders[name])
+    elif name in parts.mask_encoders:
+        enc = MaskEncoder.from_state_dict(parts.mask_encoders[name])
+    else:
+        raise CheckpointError(
+            f"the {name} model has no condition encoder in {parts.sources.get('unets:' + name, 'its file')}: "
+            "give the uni-modal checkpoint (it holds the encoder) or the collaborative one"
+        )
+    # Encoders stay in float32: they run once per prompt and the text encoder's LayerNorms are fp16-fragile.
+    return enc.to(device=device, dtype=torch.float32).eval()
+
+
+def _check_context(name: str, what: str, net, encoder) -> None:
+    want = net.config.cross_attention_dim
+    have = encoder.dim if hasattr(encoder, "dim") else None
+    if have is not None and want != have:
+        raise BranchMismatchError(
+            f"the {name} {what} attends to {want}-dim tokens but the {name} encoder gives {have}-dim tokens: "
+            "the files come from different models; use the matching uni-modal and collaborative checkpoints"
+        )
+
+
+def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, mask_model=None, vae=None,
+                  diffuser=None, configs: Sequence[Path | str] = (), prefix: Optional[str] = None,
+                  device="cpu", dtype=torch.float32, influence: Optional[InfluenceConfig] = None,
+                  image_size: Optional[int] = None, use_diffusers: bool = True) -> CollaborativePipeline:
+    """Build a :class:`CollaborativePipeline` from official checkpoints (``.ckpt`` or ``.safetensors``).
+
+    ``checkpoints`` is a directory searched by the official names; explicit paths override what it finds.
+    ``image_size`` is the output size in pixels (default: the native size of the VAE, 512 or 256).
+    """
+    files: dict[str, Path] = {}
+    if checkpoints is not None:
+        files.update(find_checkpoints(checkpoints, prefix))
+    for role, given in (("text", text_model), ("mask", mask_model), ("vae", vae), ("collaborative", diffuser)):
+        if given is not None:
+            given = Path(given)
+            if not given.is_file():
+                raise CheckpointError(f"{role} checkpoint {given} does not exist")
+            files[role] = given
+    if not files:
+        if checkpoints is None:
+            for d in DEFAULT_SEARCH_DIRS:
+                if d.is_dir():
+                    try:
+                        return load_pipeline(d, configs=configs, prefix=prefix, device=device, dtype=dtype,
+                                             influence=influence, image_size=image_size)
+                    except CheckpointError:
+                        pass
+        looked = str(checkpoints) if checkpoints is not None else " or ".join(f"./{d}" for d in DEFAULT_SEARCH_DIRS)
+        raise CheckpointError(
+            f"no checkpoints found (looked in {looked} for *_text, *_mask, *_vae and *_codiff_mask_text files, "
+            f".ckpt or .safetensors). {WHERE_TO_GET}"
+        )
+
+    parts = LoadedParts()
+    part_roles = sorted(r for r in files if r.startswith("part:"))
+    for role in ["vae", "text", "mask"] + part_roles + ["collaborative"]:  # lowest precedence first
+        if role in files:
+            got = read_parts(files[role])
+            if role in ("text", "mask") and role not in got.unets:
+                raise CheckpointError(
+                    f"{files[role].name} was given as the {role} model but holds {got.describe()}; "
+                    f"pass a uni-modal {role} LDM checkpoint (e.g. 512_{role}.ckpt)"
+                )
+            if role == "collaborative" and not got.diffusers:
+                raise CheckpointError(f"{files[role].name} holds no dynamic diffusers ({got.describe()}); "
+                                      "pass a collaborative checkpoint such as 512_codiff_mask_text.ckpt")
+            parts.add(got, files[role].name)
+
+    config_paths = [Path(c) for c in configs]
+    config_paths += [c for c in (find_config(p) for p in files.values()) if c is not None and c not in config_paths]
+    cfg = merge_configs(config_paths)
+    for c in config_paths:
+        log.info("using config %s", c)
+
+    names = _branch_order([m for m in parts.modalities if m in parts.unets] +
+                          [m for m in parts.unets if m not in parts.modalities])
+    if not names:
+        raise CheckpointError(f"none of {', '.join(p.name for p in files.values())} holds a uni-modal UNet. {WHERE_TO_GET}")
+    if parts.diffusers and set(parts.diffusers) - set(names):
+        raise BranchMismatchError(
+            f"dynamic diffusers for {sorted(parts.diffusers)} but uni-modal models for {names}: "
+            f"give the uni-modal checkpoints of {sorted(set(parts.diffusers) - set(names))} too"
+        )
+    branches = []
+    for name in names:
+        unet = build_unet(parts.unets[name], num_heads=cfg.unet_heads(name), dtype=dtype, device=device)
+        encoder = _encoder_for(name, parts, cfg, device, dtype)
+        _check_context(name, "UNet", unet, encoder)
+        diff = None
+        if use_diffusers and name in parts.diffusers:
+            diff = build_unet(parts.diffusers[name], num_heads=cfg.diffuser_heads(name), dtype=dtype, device=device)
+            _check_context(name, "dynamic diffuser", diff, encoder)
+        branches.append(Branch(name=name, unet=unet, encoder=encoder, diffuser=diff))
+    if len(branches) > 1 and use_diffusers and not all(b.diffuser is not None for b in branches):
+        missing = [b.name for b in branches if b.diffuser is None]
+        log.warning("no dynamic diffuser for %s: those branches get equal, constant influence", missing)
+
+    vae_model, scale_factor, latent = None, cfg.scale_factor, 64
+    if parts.vae is not None:
+        vae_cfg = infer_vae_config(parts.vae)
+        vae_model = build_vae(parts.vae, dtype=dtype, device=device)
+        if scale_factor is None:
+            scale_factor = default_scale_factor(vae_cfg)
+        factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        if vae_cfg.latent_channels != branches[0].unet.config.in_channels:
+            raise BranchMismatchError(
+                f"the VAE has {vae_cfg.latent_channels} latent channels but the UNets take "
+                f"{branches[0].unet.config.in_channels}: use the VAE of the same model set"
+            )
+        native = cfg.image_size * factor if cfg.image_size else 64 * factor
+        size = image_size or native
+        if size % factor:
+            raise CheckpointError(f"--size {size} is not a multiple of the VAE's downscale factor {factor}")
+        latent = size // factor
+    elif image_size:
+        latent = image_size // 8
+    if scale_factor is None:
+        scale_factor = 0.141
+
+    if "alphas_cumprod" in parts.schedule:
+        alphas_cumprod = parts.schedule["alphas_cumprod"].to(torch.float32)
+    else:
+        alphas_cumprod = make_alphas_cumprod(*cfg.schedule_args())
+    for b in branches:
+        for m in (b.unet, b.diffuser):
+            if m is not None:
+                m.eval().requires_grad_(False)
+    return CollaborativePipeline(branches, vae_model, scale_factor, alphas_cumprod, influence=influence,
+                                 latent_size=latent)
