@@ -56,8 +56,10 @@ class _Encoder(torch.nn.Module):
 
 def random_network(kind: str, device, dtype, seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    net = UNet2DConditionModel(**official_unet_config(kind).diffusers_kwargs())
-    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    net = UNet2DConditionModel(**official_unet_config(kind).diffusers_kwargs()).to(device)
+    if dtype != torch.float32:
+        net = net.to(dtype)
+    return net.eval().requires_grad_(False)
 
 
 def reference_step_fn(ref_dir: Path, nets: dict, x, t, ctx, device):

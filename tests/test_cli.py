@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from collab_core.cli import main
 from collab_core.masks import CLASS_COLORS
+from collab_core.models import find_config
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +33,12 @@ def fixture_inputs(ref_dir, tmp_path_factory):
     manifest = json.loads((ref_dir / "manifest.json").read_text())
     mask = palette_png(inputs["mask_label_32"], tmp_path_factory.mktemp("mask") / "mask.png")
     return manifest, mask
+
+
+def weights_file(ref_dir, kind, suffix):
+    """A fixture checkpoint named by the manifest (``kind`` in vae/text/mask/codiff)."""
+    manifest = json.loads((ref_dir / "manifest.json").read_text())
+    return ref_dir / next(f for f in manifest["weights"]["checkpoints"][kind]["files"] if f.endswith(suffix))
 
 
 def golden(ref_dir, kind, eta):
@@ -82,7 +89,7 @@ def test_missing_file_and_wrong_kind(ref_dir, tmp_path, capsys):
     code = main(["generate", "--text-model", str(tmp_path / "nope.ckpt"), "--text", "x"])
     assert code == 2 and "nope.ckpt" in capsys.readouterr().err
     # A VAE passed as the text model is refused with what it holds.
-    code = main(["generate", "--text-model", str(ref_dir / "pretrained" / "tiny_vae.safetensors"), "--text", "x"])
+    code = main(["generate", "--text-model", str(weights_file(ref_dir, "vae", ".safetensors")), "--text", "x"])
     err = capsys.readouterr().err
     assert code == 2 and "text" in err and "vae" in err.lower()
 
@@ -98,15 +105,15 @@ def test_mode_needs_its_condition(ref_dir, capsys):
 def test_convert_writes_parts_that_load_again(ref_dir, fixture_inputs, tmp_path, capsys):
     manifest, mask = fixture_inputs
     parts = tmp_path / "parts"
-    assert main(["convert", str(ref_dir / "pretrained" / "tiny_codiff_mask_text.ckpt"), str(parts)]) == 0
+    codiff = weights_file(ref_dir, "codiff", ".ckpt")
+    assert main(["convert", str(codiff), str(parts)]) == 0
     written = sorted(p.name for p in parts.glob("*.safetensors"))
     assert {"mask_unet.safetensors", "text_unet.safetensors", "mask_diffuser.safetensors",
             "text_diffuser.safetensors", "vae.safetensors"} <= set(written)
     # The parts generate the same pictures as the original file (heads from the official YAML).
     run, g = golden(ref_dir, "codiff", 0.0)
     out = tmp_path / "out"
-    code = main(["generate", "--checkpoints", str(parts), "--config",
-                 str(ref_dir / "configs" / "tiny_codiff_mask_text.yaml"), "--mask", str(mask), "--text",
+    code = main(["generate", "--checkpoints", str(parts), "--config", str(find_config(codiff)), "--mask", str(mask), "--text",
                  manifest["inputs"]["text"], "--steps", str(run["steps"]), "--eta", "0", "--seed", "0",
                  "--batch", "2", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
