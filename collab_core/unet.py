@@ -467,33 +467,37 @@ def unet_key_table(config: UNetConfig) -> KeyTable:
     return KeyTable(rules)
 
 
-def _diffusers_unet_class():
-    from diffusers import UNet2DConditionModel
+@functools.lru_cache(maxsize=32)
+def diffusers_shapes(model_class: str, config) -> dict[str, torch.Size]:
+    """Parameter shapes of diffusers' ``model_class`` built from ``config`` on the meta device (no memory)."""
+    import diffusers
 
-    return UNet2DConditionModel
-
-
-@functools.lru_cache(maxsize=16)
-def _expected_unet_shapes(config: UNetConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        model = _diffusers_unet_class()(**config.diffusers_kwargs())
+        model = getattr(diffusers, model_class)(**config.diffusers_kwargs())
     return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def ldm_shapes(table: KeyTable, shapes: Mapping[str, torch.Size], what: str) -> dict[str, torch.Size]:
+    """The LDM-layout keys and shapes that correspond to diffusers ``shapes`` under ``table``."""
+    expected = {}
+    for k, shape in shapes.items():
+        mapped = table.to_ldm(k)
+        if mapped is None:  # cannot happen unless diffusers grew a parameter we do not map
+            raise CheckpointError(f"diffusers {what} parameter {k!r} has no LDM counterpart")
+        name, unsqueeze = mapped
+        expected[name] = torch.Size((*shape, 1, 1)) if unsqueeze else shape
+    return expected
 
 
 def convert_unet_state_dict(sd: Mapping[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
     """LDM keys -> diffusers keys; every key must map and every diffusers weight must be filled."""
-    return convert_with_table(sd, unet_key_table(config), _expected_unet_shapes(config), "UNet")
+    return convert_with_table(sd, unet_key_table(config), diffusers_shapes("UNet2DConditionModel", config), "UNet")
 
 
 def unet_state_dict_to_ldm(diffusers_sd: Mapping[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
     """diffusers keys -> official LDM keys (prefix-free), e.g. to write official layouts."""
     table = unet_key_table(config)
-    expected_ldm = {}
-    for k, shape in _expected_unet_shapes(config).items():
-        mapped = table.to_ldm(k)
-        if mapped is None:  # cannot happen unless diffusers grew a parameter we do not map
-            raise CheckpointError(f"diffusers UNet parameter {k!r} has no LDM counterpart")
-        expected_ldm[mapped[0]] = shape
+    expected_ldm = ldm_shapes(table, diffusers_shapes("UNet2DConditionModel", config), "UNet")
     return convert_with_table(diffusers_sd, table, expected_ldm, "UNet (diffusers layout)", forward=False)
 
 
@@ -524,8 +528,10 @@ def build_unet(
     """
     cfg = config or infer_unet_config(sd, num_heads, head_channels=head_channels)
     converted = convert_unet_state_dict(sd, cfg)
+    from diffusers import UNet2DConditionModel
+
     with torch.device("meta"):
-        model = _diffusers_unet_class()(**cfg.diffusers_kwargs())
+        model = UNet2DConditionModel(**cfg.diffusers_kwargs())
     load_converted(model, converted, dtype)
     model = model.to(device)
     model.eval()

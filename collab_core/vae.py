@@ -10,7 +10,6 @@ should copy for bit-level agreement.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .unet import KeyRule, KeyTable, _child_indices, _sample, convert_with_table, load_converted
+from .unet import (KeyRule, KeyTable, _child_indices, _sample, convert_with_table, diffusers_shapes, ldm_shapes,
+                   load_converted)
 
 __all__ = [
     "OFFICIAL_SCALE_FACTORS",
@@ -193,38 +193,19 @@ def vae_key_table(config: VAEConfig) -> KeyTable:
     return KeyTable(rules)
 
 
-def _diffusers_vae_class():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL
-
-
-@functools.lru_cache(maxsize=8)
-def _expected_vae_shapes(config: VAEConfig) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        model = _diffusers_vae_class()(**config.diffusers_kwargs())
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
 def _is_loss(key: str) -> bool:
     return key.startswith("loss.")
 
 
 def convert_vae_state_dict(sd: Mapping[str, torch.Tensor], config: VAEConfig) -> dict[str, torch.Tensor]:
     """LDM keys -> diffusers keys (``loss.*`` training weights are ignored)."""
-    return convert_with_table(sd, vae_key_table(config), _expected_vae_shapes(config), "VAE", ignore=_is_loss)
+    return convert_with_table(sd, vae_key_table(config), diffusers_shapes("AutoencoderKL", config), "VAE", ignore=_is_loss)
 
 
 def vae_state_dict_to_ldm(diffusers_sd: Mapping[str, torch.Tensor], config: VAEConfig) -> dict[str, torch.Tensor]:
     """diffusers keys -> official LDM keys (1x1-conv attention weights restored)."""
     table = vae_key_table(config)
-    expected_ldm = {}
-    for k, shape in _expected_vae_shapes(config).items():
-        mapped = table.to_ldm(k)
-        if mapped is None:
-            raise CheckpointError(f"diffusers VAE parameter {k!r} has no LDM counterpart")
-        name, unsqueeze = mapped
-        expected_ldm[name] = torch.Size((*shape, 1, 1)) if unsqueeze else shape
+    expected_ldm = ldm_shapes(table, diffusers_shapes("AutoencoderKL", config), "VAE")
     return convert_with_table(diffusers_sd, table, expected_ldm, "VAE (diffusers layout)", forward=False)
 
 
@@ -245,8 +226,10 @@ def build_vae(
         raise ConfigError(f"scale_factor must be positive, got {scale_factor}")
     cfg = VAEConfig(**{**cfg.__dict__, "scaling_factor": float(scale_factor)})
     converted = convert_vae_state_dict(sd, cfg)
+    from diffusers import AutoencoderKL
+
     with torch.device("meta"):
-        model = _diffusers_vae_class()(**cfg.diffusers_kwargs())
+        model = AutoencoderKL(**cfg.diffusers_kwargs())
     load_converted(model, converted, dtype)
     model = model.to(device)
     model.eval()
