@@ -1,0 +1,283 @@
+"""Host objects built from the official checkpoints: a real MODEL, a real VAE, dynamic diffusers.
+
+The networks are ComfyUI's own (``UNetModel``, ``AutoencoderKL``) configured from the checkpoint's shapes
+(plus the official YAML for what shapes cannot tell: attention heads, scale factor, schedule), so every stock
+node that takes a MODEL or VAE works with them. Reading files and splitting them into networks is
+``collab_core``'s job; this module only turns those state dicts into host objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.supported_models_base
+import comfy.utils
+import folder_paths
+
+from ..collab_core.checkpoint import read_checkpoint_metadata, read_state_dict
+from ..collab_core.errors import ConfigError
+from ..collab_core.layout import CheckpointParts, split_checkpoint
+from ..collab_core.models import WHERE_TO_GET, find_config
+from ..collab_core.schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS, make_alphas_cumprod
+from ..collab_core.vae import default_scale_factor, infer_vae_config
+from ..collab_core.yaml_config import OfficialConfig, read_official_config
+from . import adapters
+from .adapters import AUTO, MODEL_FOLDER, CollabNodeError
+
+log = logging.getLogger("collaborative_diffusion")
+
+
+# ------------------------------------------------------------------------------------------------- folders
+
+
+def register_folders() -> None:
+    """Add ``models/collaborative_diffusion`` (checkpoints and official YAMLs) without overwriting user paths."""
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    exts = set(folder_paths.supported_pt_extensions) | set(adapters.CONFIG_SUFFIXES)
+    entry = folder_paths.folder_names_and_paths.get(MODEL_FOLDER)
+    paths = list(entry[0]) if entry else []
+    if default not in paths:
+        paths.append(default)
+    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, exts)
+
+
+def checkpoint_names() -> list[str]:
+    """Checkpoint files in collaborative_diffusion/ and checkpoints/ (both listed, de-duplicated)."""
+    names = list(folder_paths.get_filename_list(MODEL_FOLDER))
+    try:
+        names += folder_paths.get_filename_list("checkpoints")
+    except Exception:  # pragma: no cover - a host without the folder
+        pass
+    return adapters.split_file_lists(names)[0]
+
+
+def config_names() -> list[str]:
+    return [AUTO] + adapters.split_file_lists(folder_paths.get_filename_list(MODEL_FOLDER))[1]
+
+
+def checkpoint_path(name: str, node: str) -> Path:
+    for folder in (MODEL_FOLDER, "checkpoints"):
+        try:
+            p = folder_paths.get_full_path(folder, name)
+        except Exception:
+            p = None
+        if p and os.path.isfile(p):
+            return Path(p)
+    where = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER) + folder_paths.get_folder_paths("checkpoints"))
+    raise CollabNodeError(node, f"checkpoint '{name}' not found in {where}. Put the file there and refresh "
+                                f"(R in the browser). {WHERE_TO_GET}")
+
+
+def missing_checkpoint_message(name: str) -> Optional[str]:
+    """For VALIDATE_INPUTS: None when the file exists, else what to do."""
+    if name in checkpoint_names():
+        return None
+    where = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER) + folder_paths.get_folder_paths("checkpoints"))
+    return (f"checkpoint '{name}' not found; put it in one of: {where} (then press R in the browser to refresh "
+            f"the list). {WHERE_TO_GET}")
+
+
+def read_parts(path: Path) -> CheckpointParts:
+    return split_checkpoint(read_state_dict(path), read_checkpoint_metadata(path))
+
+
+def read_config(config: str, ckpt: Path, node: str) -> OfficialConfig:
+    """The official YAML: chosen in the node, or found beside the checkpoint ('auto'), else empty."""
+    if config and config != AUTO:
+        p = folder_paths.get_full_path(MODEL_FOLDER, config)
+        if not p:
+            raise CollabNodeError(node, f"config '{config}' not found in models/{MODEL_FOLDER}; choose 'auto'")
+        return read_official_config(p)
+    found = find_config(ckpt)
+    if found is None:
+        return OfficialConfig()
+    log.info("collaborative_diffusion: using config %s for %s", found, ckpt.name)
+    return read_official_config(found)
+
+
+# ------------------------------------------------------------------------------------------------- MODEL
+
+
+class CollabLatentFormat(comfy.latent_formats.LatentFormat):
+    """The 3-channel latent of the official KL-VAE; scale 0.141 (512 set) or 0.058 (256 set)."""
+
+    latent_channels = 3
+    latent_rgb_factors = adapters.LATENT_RGB_FACTORS
+    latent_rgb_factors_bias = [0.0, 0.0, 0.0]
+
+    def __init__(self, scale_factor: float = 0.141, channels: int = 3):
+        self.scale_factor = float(scale_factor)
+        self.latent_channels = int(channels)
+        if channels != 3:
+            self.latent_rgb_factors = None
+
+
+class CollabModelConfig(comfy.supported_models_base.BASE):
+    """Host model config for the uni-modal UNets and the dynamic diffusers (never auto-detected)."""
+
+    unet_config: dict = {}
+    unet_extra_config: dict = {}  # heads come from the checkpoint's YAML, not the SD default of 64 per head
+    latent_format = CollabLatentFormat
+    sampling_settings = {"beta_schedule": "linear", "linear_start": LINEAR_START, "linear_end": LINEAR_END,
+                         "timesteps": NUM_TIMESTEPS}
+    supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    memory_usage_factor = 2.0
+
+    def __init__(self, unet_config: dict, scale_factor: float, schedule: dict):
+        super().__init__(unet_config)
+        self.sampling_settings = dict(self.sampling_settings, **schedule)
+        self.latent_format = CollabLatentFormat(scale_factor, unet_config.get("in_channels", 3))
+
+    def inpaint_model(self):  # 3 latent channels: never an inpainting model
+        return False
+
+
+@dataclass
+class ModelInfo:
+    """What the pack knows about a MODEL it built (kept on the BaseModel, shared by clones)."""
+
+    modality: str
+    source: str
+    heads: int
+    heads_from: str
+    context_dim: int
+    latent_channels: int
+    model_channels: int
+    channel_mult: tuple
+    scale_factor: float
+    role: str = "unet"  # "unet" | "diffuser"
+    extra: dict = field(default_factory=dict)
+
+
+def model_info(model) -> Optional[ModelInfo]:
+    """The pack's info for a MODEL (ModelPatcher) or BaseModel, None for other models."""
+    base = getattr(model, "model", model)
+    return getattr(base, "collab_info", None)
+
+
+def schedule_settings(cfg: OfficialConfig, parts: CheckpointParts, node: str) -> dict:
+    start = cfg.linear_start if cfg.linear_start is not None else LINEAR_START
+    end = cfg.linear_end if cfg.linear_end is not None else LINEAR_END
+    steps = cfg.timesteps if cfg.timesteps is not None else NUM_TIMESTEPS
+    stored = parts.schedule.get("alphas_cumprod")
+    if stored is not None:
+        ours = make_alphas_cumprod(start, end, steps)
+        if stored.shape != ours.shape or not torch.allclose(stored.float(), ours, rtol=1e-5, atol=1e-7):
+            raise CollabNodeError(
+                node,
+                f"the checkpoint's stored noise schedule is not the linear {start}-{end} schedule over {steps} steps "
+                "that the node would use; choose the model's official YAML in 'config' (put it in "
+                f"models/{MODEL_FOLDER}/)")
+    return {"beta_schedule": "linear", "linear_start": float(start), "linear_end": float(end), "timesteps": int(steps)}
+
+
+def scale_factor_for(cfg: OfficialConfig, parts: CheckpointParts, vae_sd: Optional[dict] = None) -> float:
+    if cfg.scale_factor is not None:
+        return float(cfg.scale_factor)
+    vae = vae_sd if vae_sd is not None else parts.vae
+    if vae is not None:
+        try:
+            return default_scale_factor(infer_vae_config(vae))
+        except ConfigError:
+            pass
+    log.warning("collaborative_diffusion: no VAE or config tells the latent scale factor; using the 512 set's 0.141")
+    return 0.141
+
+
+def build_model(unet_sd: dict, *, modality: str, source: str, heads: int, heads_from: str,
+                head_channels: Optional[int], scale_factor: float, schedule: dict, role: str = "unet",
+                node: str = "") -> comfy.model_patcher.ModelPatcher:
+    """An official LDM UNet (or dynamic diffuser) state dict → a host MODEL (ModelPatcher over a BaseModel)."""
+    unet_config = comfy.model_detection.detect_unet_config(unet_sd, "")
+    if unet_config is None:
+        raise CollabNodeError(node, f"{source}: the {modality} {role} is not an LDM UNet the host understands")
+    if head_channels:
+        unet_config.update(num_heads=-1, num_head_channels=int(head_channels))
+    else:
+        widths = [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
+        bad = [w for w in widths if w % heads]
+        if bad:
+            raise CollabNodeError(node, f"{source}: {heads} attention heads ({heads_from}) do not divide the "
+                                        f"{modality} {role}'s widths {bad}; choose the model's official YAML in "
+                                        "'config' or set 'heads'")
+        unet_config.update(num_heads=int(heads), num_head_channels=-1)
+    cfg = CollabModelConfig(unet_config, scale_factor, schedule)
+    load_device = comfy.model_management.get_torch_device()
+    offload = comfy.model_management.unet_offload_device()
+    params = comfy.utils.calculate_parameters(unet_sd)
+    dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=cfg.supported_inference_dtypes,
+                                              weight_dtype=comfy.utils.weight_dtype(unet_sd))
+    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, cfg.supported_inference_dtypes)
+    cfg.set_inference_dtype(dtype, manual_cast)
+    base = comfy.model_base.BaseModel(cfg, comfy.model_base.ModelType.EPS, device=offload)
+    missing, unexpected = base.diffusion_model.load_state_dict(unet_sd, strict=False)
+    if missing or unexpected:
+        raise CollabNodeError(
+            node, f"{source}: the {modality} {role} weights do not fit the host UNet built from their shapes "
+                  f"(missing {missing[:4]}, unexpected {unexpected[:4]}); is the file complete?")
+    base.collab_info = ModelInfo(
+        modality=modality, source=source, heads=int(heads), heads_from=heads_from,
+        context_dim=int(unet_config.get("context_dim") or 0), latent_channels=int(unet_config["in_channels"]),
+        model_channels=int(unet_config["model_channels"]), channel_mult=tuple(unet_config["channel_mult"]),
+        scale_factor=float(scale_factor), role=role)
+    return comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload)
+
+
+# ------------------------------------------------------------------------------------------------- VAE
+
+
+def build_vae(vae_sd: dict, cfg: Optional[OfficialConfig] = None) -> comfy.sd.VAE:
+    """An LDM KL-VAE state dict → a host VAE (ComfyUI's AutoencoderKL), sized from the weights' shapes."""
+    vc = infer_vae_config(vae_sd)
+    dd = adapters.vae_ddconfig(vc.block_out_channels, vc.layers_per_block, vc.latent_channels, vc.in_channels,
+                               vc.out_channels, vc.mid_block_add_attention)
+    vae = comfy.sd.VAE(sd=dict(vae_sd), config={"params": {"ddconfig": dd, "embed_dim": vc.latent_channels}})
+    factor = vc.downscale
+    vae.latent_channels = vc.latent_channels
+    vae.downscale_ratio = factor
+    vae.upscale_ratio = factor
+    return vae
+
+
+# ------------------------------------------------------------------------------------------------- encoders
+
+
+@dataclass
+class CollabEncoder:
+    """A uni-modal model's condition encoder (collab_core TextEncoder or MaskEncoder) as a host object."""
+
+    modality: str
+    kind: str  # "text" | "mask"
+    module: torch.nn.Module
+    source: str
+
+    @property
+    def dim(self) -> int:
+        return int(self.module.dim)
+
+
+# ------------------------------------------------------------------------------------------------- diffusers
+
+
+@dataclass
+class DynamicDiffuser:
+    """The dynamic diffusers of a collaborative checkpoint: one host-managed network per modality, in order."""
+
+    modalities: list
+    patchers: dict  # modality -> ModelPatcher (BaseModel with a 1-channel UNet)
+    source: str
+
+    def describe(self) -> str:
+        return f"{self.source}: " + ", ".join(self.modalities)

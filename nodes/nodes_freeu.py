@@ -1,0 +1,54 @@
+"""FreeU for the Collaborative Diffusion UNets.
+
+The stock FreeU nodes scale the decoder stages of width 4·C and 2·C (Stable Diffusion's [1,2,4,4]); the
+official 192-channel UNets ([1,2,3,5]) have no 768-wide stage, so b1/s1 never apply. This node targets the
+model's real stages, the two levels below the deepest one (576 and 384 for the official UNets, as in the
+authors' freeu/*_freeu.py), with the authors' defaults b1 1.1, b2 1.2, s1 1, s2 1.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import adapters, host
+from .adapters import CATEGORY, FREEU_DEFAULTS, CollabNodeError
+
+
+def _float(default: float) -> tuple:
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 10.0, "step": 0.01})
+
+
+class CollabFreeU:
+    """FreeU on the Collaborative Diffusion UNets' real stages (authors' defaults b1 1.1, b2 1.2, s1 1, s2 1)."""
+
+    NAME = "Collaborative FreeU"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "b1": _float(FREEU_DEFAULTS["b1"]), "b2": _float(FREEU_DEFAULTS["b2"]),
+                             "s1": _float(FREEU_DEFAULTS["s1"]), "s2": _float(FREEU_DEFAULTS["s2"])}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+    DESCRIPTION = __doc__
+
+    def patch(self, model, b1, b2, s1, s2):
+        unet = model.model.model_config.unet_config
+        if "model_channels" not in unet or "channel_mult" not in unet:
+            raise CollabNodeError(self.NAME, "this MODEL is not a UNet with channel levels; FreeU needs one")
+        scales = adapters.freeu_scales(unet["model_channels"], unet["channel_mult"], b1, b2, s1, s2)
+        if host.model_info(model) is None:  # any LDM UNet works; say which stages are scaled
+            logging.getLogger("collaborative_diffusion").info("Collaborative FreeU on a foreign model: stages %s",
+                                                              sorted(scales))
+
+        def output_block_patch(h, hsp, transformer_options):
+            return adapters.freeu_apply(h, hsp, scales)
+
+        m = model.clone()
+        m.set_model_output_block_patch(output_block_patch)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS = {"CollabFreeU": CollabFreeU}
+NODE_DISPLAY_NAME_MAPPINGS = {"CollabFreeU": CollabFreeU.NAME}

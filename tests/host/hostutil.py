@@ -1,0 +1,63 @@
+"""Helpers shared by the host tests (importable as ``hostutil``; pytest puts tests/host on sys.path)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+COMFY = os.environ.get("COMFYUI_PATH")
+SKIP_REASON = ("COMFYUI_PATH is not set: the host tests need a ComfyUI checkout "
+               "(COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/host -m host; see docs/comfyui.md)")
+
+OFFICIAL_TO_FIXTURE = {
+    "512_text.ckpt": "tiny_text.ckpt",
+    "512_mask.ckpt": "tiny_mask.ckpt",
+    "512_vae.ckpt": "tiny_vae.ckpt",
+    "512_codiff_mask_text.ckpt": "tiny_codiff_mask_text.ckpt",
+}
+
+
+def reference_dir() -> Path:
+    env = os.environ.get("CODIFF_REFERENCE_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "fixtures" / "reference"
+
+
+class NullServer:
+    """What PromptExecutor needs from a server, recording the messages it sends."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+def write_mask_png(path: Path, labels) -> Path:
+    """An indexed PNG in the CelebAMask-HQ palette (the reference's mask format) from a label array."""
+    import numpy as np
+    from PIL import Image
+
+    from collab_core.masks import celebamask_palette  # noqa: E402  (repo root is on sys.path under pytest)
+
+    img = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="L").convert("P")
+    img.putpalette(celebamask_palette())
+    img.save(path)
+    return path
+
+
+def node(host_ns, class_type: str):
+    """An instance of a registered node class (fetched from the host registry, never re-imported)."""
+    return host_ns.mappings[class_type]()
+
+
+def call(host_ns, class_type: str, **kwargs):
+    """Run one node's function directly, under inference mode as the executor does."""
+    import torch
+
+    obj = node(host_ns, class_type)
+    with torch.inference_mode():
+        return getattr(obj, obj.FUNCTION)(**kwargs)
