@@ -65,12 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(gen)
     _add_sampling_options(gen)
 
+    from .editing.command import add_edit_arguments
+
+    edit = sub.add_parser("edit", help="edit a photo toward a repainted mask and/or a new caption "
+                                       "(--method imagic | inversion)")
+    add_edit_arguments(edit)
+    _add_model_options(edit)
+    _add_sampling_options(edit)
+    edit.set_defaults(seed=0, eta=None)  # the reference's editing seed; eta: 1 for imagic, 0 for inversion
+
     conv = sub.add_parser("convert", help="split a checkpoint into one .safetensors per part (weights only)")
     conv.add_argument("input", type=Path)
     conv.add_argument("out_dir", type=Path)
 
     info = sub.add_parser("info", help="describe what a checkpoint holds")
     info.add_argument("input", type=Path)
+
+    from .training.cli import add_training_commands
+
+    add_training_commands(sub)
     return parser
 
 
@@ -100,6 +113,19 @@ def cmd_generate(args) -> int:
     conditions = {}
     wanted = {"auto": None, "collaborative": {"text", "mask"}, "text": {"text"}, "mask": {"mask"}}[args.mode]
     text = args.text
+    if getattr(pipe, "is_demo", False):  # the bundled demo: its own default caption and mask
+        from .models import demo_defaults
+
+        defaults = demo_defaults()
+        print("using the bundled demo models (tiny, trained on synthetic faces); pass --checkpoints for the official ones",
+              file=sys.stderr)
+        if args.text is None and args.mask is None:
+            text, args.mask = defaults.get("text"), defaults.get("mask")
+        if not args.plain_softmax and args.mask_schedule == "cosine_decay" and args.mask_scale == 2.0:
+            # the demo's diffusers do best with the training-time softmax (docs/method_table.md)
+            args.plain_softmax = True
+        elif text is None and (wanted and "text" in wanted or (wanted is None and args.mask is None)):
+            text = defaults.get("text")
     if text is None and (wanted and "text" in wanted or (wanted is None and args.mask is None)):
         text = DEFAULT_TEXT
     if text is not None and "text" in pipe.names and (wanted is None or "text" in wanted):
@@ -137,6 +163,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_edit(args) -> int:
+    import torch
+
+    from .editing.command import check_method_options, run_edit
+    from .fusion import BranchInfluence, InfluenceConfig
+    from .models import load_pipeline
+
+    check_method_options(args)
+    device = _device(args.device)
+    dtype = torch.float16 if args.half else torch.float32
+    if args.half and device.type == "cpu":
+        raise CollabError("--half needs a GPU (float16 convolutions are slow or missing on the CPU); drop --half")
+    if args.plain_softmax:
+        influence = InfluenceConfig.plain()
+    else:
+        influence = InfluenceConfig({
+            "mask": BranchInfluence(schedule=args.mask_schedule, scale_factor=None if args.mask_scale == 1 else args.mask_scale),
+            "text": BranchInfluence(complement=args.mask_schedule != "none"),
+        })
+
+    def load(image_size):
+        return load_pipeline(args.checkpoints, text_model=args.text_model, mask_model=args.mask_model, vae=args.vae,
+                             diffuser=args.diffuser, configs=args.config, prefix=args.prefix, device=device,
+                             dtype=dtype, image_size=args.size or image_size)
+
+    return run_edit(args, load, device, dtype, influence)
+
+
 def cmd_convert(args) -> int:
     from .checkpoint import read_checkpoint_metadata, read_state_dict
     from .layout import split_checkpoint, write_parts
@@ -160,7 +214,7 @@ def cmd_info(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "convert": cmd_convert, "info": cmd_info}[args.command]
+    handler = {"generate": cmd_generate, "edit": cmd_edit, "convert": cmd_convert, "info": cmd_info}.get(args.command) or args.handler
     try:
         return handler(args)
     except CollabError as e:

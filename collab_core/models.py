@@ -97,6 +97,76 @@ def find_config(checkpoint: Path) -> Optional[Path]:
     return None
 
 
+METADATA_CONFIG_KEY = "collab_config"
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+
+
+def config_from_metadata(metadata: dict) -> OfficialConfig:
+    """What a safetensors header's ``collab_config`` JSON (written by :mod:`collab_core.training`) says the weights
+    cannot: attention heads, latent scale factor and size. Files without it give an empty config."""
+    import json
+
+    cfg = OfficialConfig()
+    raw = (metadata or {}).get(METADATA_CONFIG_KEY)
+    if not raw:
+        return cfg
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        log.warning("ignoring unreadable %s metadata: %r", METADATA_CONFIG_KEY, raw[:80])
+        return cfg
+    if not isinstance(data, dict):
+        return cfg
+    heads = data.get("unet_num_heads")
+    if isinstance(heads, dict):
+        cfg.unet_heads_by_modality = {str(k): int(v) for k, v in heads.items()}
+        if len(set(cfg.unet_heads_by_modality.values())) == 1:
+            cfg.unet_num_heads = next(iter(cfg.unet_heads_by_modality.values()))
+    elif isinstance(heads, int):
+        cfg.unet_num_heads = heads
+    if isinstance(data.get("diffuser_num_heads"), int):
+        cfg.diffuser_num_heads = data["diffuser_num_heads"]
+    if isinstance(data.get("scale_factor"), (int, float)):
+        cfg.scale_factor = float(data["scale_factor"])
+    if isinstance(data.get("image_size"), int):
+        cfg.image_size = data["image_size"]
+    return cfg
+
+
+def _fill_from_metadata(cfg: OfficialConfig, metas: Sequence[dict]) -> None:
+    """YAML configs win; file metadata fills what they leave unset (later files win among themselves)."""
+    for meta in metas:
+        m = config_from_metadata(meta)
+        for name in ("scale_factor", "image_size", "diffuser_num_heads"):
+            if getattr(cfg, name) is None and getattr(m, name) is not None:
+                setattr(cfg, name, getattr(m, name))
+        for mod, h in m.unet_heads_by_modality.items():
+            cfg.unet_heads_by_modality.setdefault(mod, h)
+        if cfg.unet_num_heads is None and m.unet_num_heads is not None and not m.unet_heads_by_modality:
+            cfg.unet_num_heads = m.unet_num_heads
+
+
+def demo_bundle_dir() -> Optional[Path]:
+    """The tiny self-trained demo models shipped with the pack (``collab_core/demo``), or None if absent."""
+    if DEMO_DIR.is_dir() and any(DEMO_DIR.glob("*_codiff_*.safetensors")):
+        return DEMO_DIR
+    return None
+
+
+def demo_defaults() -> dict:
+    """The demo bundle's default caption and mask (``demo.json``), as absolute paths."""
+    import json
+
+    d = demo_bundle_dir()
+    if d is None or not (d / "demo.json").is_file():
+        return {}
+    info = json.loads((d / "demo.json").read_text(encoding="utf-8"))
+    out = {"text": info.get("default_text")}
+    if info.get("default_mask"):
+        out["mask"] = d / info["default_mask"]
+    return out
+
+
 @dataclass
 class LoadedParts:
     """Parts gathered from several files, later files overriding earlier ones."""
@@ -202,6 +272,14 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
                                              influence=influence, image_size=image_size)
                     except CheckpointError:
                         pass
+            demo = demo_bundle_dir()
+            if demo is not None:
+                log.warning("no checkpoints given or found in ./pretrained or ./checkpoints: using the tiny demo "
+                            "models bundled with the pack (synthetic faces, %s). %s", demo, WHERE_TO_GET)
+                pipe = load_pipeline(demo, configs=configs, device=device, dtype=dtype, influence=influence,
+                                     image_size=image_size, use_diffusers=use_diffusers)
+                pipe.is_demo = True
+                return pipe
         looked = str(checkpoints) if checkpoints is not None else " or ".join(f"./{d}" for d in DEFAULT_SEARCH_DIRS)
         raise CheckpointError(
             f"no checkpoints found (looked in {looked} for *_text, *_mask, *_vae and *_codiff_mask_text files, "
@@ -209,6 +287,7 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
         )
 
     parts = LoadedParts()
+    metas = []
     part_roles = sorted(r for r in files if r.startswith("part:"))
     for role in ["vae", "text", "mask"] + part_roles + ["collaborative"]:  # lowest precedence first
         if role in files:
@@ -222,10 +301,12 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
                 raise CheckpointError(f"{files[role].name} holds no dynamic diffusers ({got.describe()}); "
                                       "pass a collaborative checkpoint such as 512_codiff_mask_text.ckpt")
             parts.add(got, files[role].name)
+            metas.append(read_checkpoint_metadata(files[role]))
 
     config_paths = [Path(c) for c in configs]
     config_paths += [c for c in (find_config(p) for p in files.values()) if c is not None and c not in config_paths]
     cfg = merge_configs(config_paths)
+    _fill_from_metadata(cfg, metas)
     for c in config_paths:
         log.info("using config %s", c)
 
@@ -255,7 +336,7 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
     vae_model, scale_factor, latent = None, cfg.scale_factor, 64
     if parts.vae is not None:
         vae_cfg = infer_vae_config(parts.vae)
-        vae_model = build_vae(parts.vae, dtype=dtype, device=device)
+        vae_model = build_vae(parts.vae, scale_factor=scale_factor, dtype=dtype, device=device)
         if scale_factor is None:
             scale_factor = default_scale_factor(vae_cfg)
         factor = 2 ** (len(vae_cfg.block_out_channels) - 1)

@@ -76,6 +76,8 @@ def test_generate_reproduces_reference_pictures(ref_dir, fixture_inputs, tmp_pat
 
 
 def test_no_checkpoints_gives_one_clear_message(tmp_path, capsys, monkeypatch):
+    # without the bundled demo models (tests/test_demo.py covers the fallback to them)
+    monkeypatch.setattr("collab_core.models.DEMO_DIR", tmp_path / "no-demo")
     monkeypatch.chdir(tmp_path)
     code = main(["generate", "--text", "a woman"])
     err = capsys.readouterr().err

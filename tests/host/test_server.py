@@ -149,7 +149,7 @@ def small_fixture_prompt(prompt: dict) -> dict:
             if key in i:
                 assert i[key] in OFFICIAL_TO_FIXTURE, f"workflow expects an unknown checkpoint {i[key]}"
                 i[key] = OFFICIAL_TO_FIXTURE[i[key]]
-        if n["class_type"] == "EmptyLatentImage":
+        if n["class_type"] in ("EmptyLatentImage", "ImageScale"):
             i.update(width=64, height=64)
         if "steps" in i and isinstance(i["steps"], int):
             i["steps"] = 4

@@ -1,0 +1,213 @@
+"""One training loop for every trainer, on Hugging Face ``accelerate``.
+
+The same code runs on this CPU, one GPU, several GPUs or machines (``accelerate launch ...``): ``accelerate``
+wraps the trainable networks for distributed data parallelism, picks mixed precision where a GPU exists
+(``--mixed-precision auto``: bf16 where supported, else fp16; none on the CPU), syncs gradients and saves /
+restores the full training state (weights, AdamW moments, schedules, random generators).
+
+Batches are drawn from a generator seeded by ``(seed, step, micro-step, process)``, so a resumed run sees
+exactly the batches, timesteps and noise it would have seen without the interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # AdamW, as the reference
+    warmup: int = 0
+    grad_clip: Optional[float] = 1.0
+    grad_accum: int = 1
+    seed: int = 23  # the reference's seed_everything(23)
+    val_every: int = 250
+    save_every: int = 500
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
+    progress: bool = True
+    resume: bool = True
+
+    def check(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ConfigError("steps, batch size and gradient accumulation must be positive")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ConfigError(f"mixed precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+
+
+@dataclass
+class StepContext:
+    modules: Mapping[str, nn.Module]  # the prepared (possibly wrapped) trainable networks
+    device: torch.device
+    generator: torch.Generator  # CPU generator for this micro-step's batch, timesteps and noise
+    batch_size: int
+
+
+LossFn = Callable[[StepContext], torch.Tensor]
+ValFn = Callable[[Mapping[str, nn.Module], torch.device], float]
+ExportFn = Callable[[Mapping[str, nn.Module], int], list]
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        if choice != "no" and not torch.cuda.is_available():
+            log.warning("mixed precision %s needs a GPU; training in float32", choice)
+            return "no"
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def make_accelerator(cfg: TrainConfig):
+    try:
+        from accelerate import Accelerator
+    except ImportError:  # pragma: no cover - a dependency of the pack
+        raise ConfigError("training needs the 'accelerate' package: pip install accelerate") from None
+    return Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision),
+                       gradient_accumulation_steps=cfg.grad_accum)
+
+
+def batch_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 101 + micro) * 17 + process)
+    return g
+
+
+def train(name: str, out_dir: Path, modules: Mapping[str, nn.Module], loss_fn: LossFn, val_fn: ValFn,
+          export_fn: ExportFn, cfg: TrainConfig, frozen: Mapping[str, nn.Module] = ()) -> dict:
+    """Train ``modules`` (AdamW, optional warm-up, gradient clipping) to minimise ``loss_fn``.
+
+    Writes ``out_dir/train_log.jsonl`` (loss, validation loss, lr, time), ``out_dir/state/`` (resumable
+    training state every ``save_every`` steps) and whatever ``export_fn`` writes (at every save and the end).
+    ``frozen`` networks are moved to the device and kept in eval mode without gradients.
+    Returns a summary: first/last validation loss, steps, seconds.
+    """
+    cfg.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    for m in dict(frozen).values():
+        m.to(device).eval().requires_grad_(False)
+    names = list(modules)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"{name}: nothing to train (all parameters frozen)")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    warm = max(int(cfg.warmup), 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    prepared = accelerator.prepare(*modules.values(), opt, sched)
+    wrapped = dict(zip(names, prepared[: len(names)]))
+    opt, sched = prepared[len(names)], prepared[len(names) + 1]
+
+    state_dir = out_dir / "state"
+    step = 0
+    if cfg.resume and (state_dir / "trainer.json").is_file():
+        accelerator.load_state(str(state_dir))
+        step = int(json.loads((state_dir / "trainer.json").read_text())["step"])
+        log.info("%s: resumed at step %d from %s", name, step, state_dir)
+    log_path = out_dir / "train_log.jsonl"
+
+    def unwrapped() -> dict[str, nn.Module]:
+        return {k: accelerator.unwrap_model(v) for k, v in wrapped.items()}
+
+    def validate() -> float:
+        for m in wrapped.values():
+            m.eval()
+        with torch.no_grad(), accelerator.autocast():
+            v = float(val_fn(unwrapped(), device))
+        for m in wrapped.values():
+            m.train()
+        return v
+
+    def record(entry: dict) -> None:
+        if accelerator.is_main_process:
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    def save(step_now: int) -> list:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(state_dir))
+        paths = []
+        if accelerator.is_main_process:
+            (state_dir / "trainer.json").write_text(json.dumps({"step": step_now, "config": asdict(cfg)}))
+            paths = export_fn(unwrapped(), step_now)
+        return paths
+
+    started = time.perf_counter()
+    val_first = validate()
+    record({"step": step, "val_loss": val_first, "event": "start" if step == 0 else "resume"})
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=name, disable=not (cfg.progress and accelerator.is_main_process),
+               dynamic_ncols=True)
+    for m in wrapped.values():
+        m.train()
+    ema, val = None, val_first
+    losses = []
+    while step < cfg.steps:
+        for micro in range(cfg.grad_accum):
+            g = batch_generator(cfg.seed, step, micro, accelerator.process_index)
+            ctx = StepContext(modules=wrapped, device=device, generator=g, batch_size=cfg.batch_size)
+            with accelerator.accumulate(*wrapped.values()):
+                with accelerator.autocast():
+                    loss = loss_fn(ctx)
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"{name}: the loss became {float(loss)} at step {step}; lower --lr")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.grad_clip:
+                    accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        step += 1
+        lv = float(loss.detach())
+        losses.append(lv)
+        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.4f}", val=f"{val:.4f}")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            val = validate()
+            record({"step": step, "loss": ema, "val_loss": val, "lr": sched.get_last_lr()[0],
+                    "seconds": round(time.perf_counter() - started, 1)})
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            save(step)
+    bar.close()
+    paths = save(step)
+    seconds = time.perf_counter() - started
+    summary = {"name": name, "steps": step, "val_loss_start": val_first, "val_loss_end": val, "seconds": round(seconds, 1),
+               "train_loss_first": losses[:10], "train_loss_last": losses[-10:], "files": [str(p) for p in paths]}
+    record({"event": "end", **{k: v for k, v in summary.items() if k not in ("train_loss_first", "train_loss_last")}})
+    return summary
+
+
+def q_sample(z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε (``ddpm.py:q_sample``)."""
+    a = alphas_cumprod.to(z0.device)[t].float().view(-1, 1, 1, 1)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+
+def fixed_noise(n: int, shape, seed: int = 1234, num_timesteps: int = 1000):
+    """Timesteps spread evenly over [0, T) and noise from a fixed seed: a validation loss comparable across runs."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, num_timesteps - 1, n).round().long()
+    t = t[torch.randperm(n, generator=g)]
+    return t, torch.randn((n, *shape), generator=g)
+

@@ -1,0 +1,375 @@
+"""Editing nodes: Imagic fine-tune (a patched MODEL + the optimised CONDITIONING), embedding interpolation, DDIM
+inversion under a collaborative GUIDER and resampling from it, the region where two face masks differ.
+
+The math is ``collab_core.editing``'s; these classes only adapt host objects. A fine-tune never writes to the
+loaded model: it trains a copy and returns a clone of the MODEL carrying the difference as a weight patch, so
+every other node that uses the loaded model sees it unchanged (also when the run is interrupted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+
+from ..collab_core.editing import imagic as I
+from ..collab_core.editing import inversion as V
+from ..collab_core.editing.inputs import changed_labels, edit_region
+from ..collab_core.errors import CollabError
+from ..collab_core.schedule import ddim_schedule, make_alphas_cumprod
+from . import adapters, host
+from .adapters import CATEGORY, CollabNodeError, node_error
+
+INVERSION = "COLLAB_INVERSION"
+EDIT_CATEGORY = CATEGORY + "/editing"
+
+
+def _forward(unet, x, t, context):
+    """ε of the host's LDM UNet (``comfy.ldm...openaimodel.UNetModel``) at DDPM timesteps ``t``."""
+    return unet(x, timesteps=t, context=context)
+
+
+def _alphas_cumprod(model) -> torch.Tensor:
+    ms = model.get_model_object("model_sampling")
+    if not hasattr(ms, "linear_start"):
+        raise CollabError("the model does not use a discrete DDPM schedule; editing needs a Collaborative Diffusion "
+                          "(LDM) model")
+    return make_alphas_cumprod(ms.linear_start, ms.linear_end, int(ms.num_timesteps))
+
+
+def _photo_latent(model, latent: dict, node: str) -> torch.Tensor:
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise CollabNodeError(node, "'latent' must be a LATENT (VAE Encode of the photo)")
+    samples = latent["samples"]
+    if samples.shape[0] != 1:
+        raise CollabNodeError(node, f"the latent holds {samples.shape[0]} pictures; edit one photo at a time")
+    if "noise_mask" in latent:
+        raise CollabNodeError(node, "the latent carries a noise mask; wire the plain VAE Encode output here")
+    return model.model.process_latent_in(samples.float())
+
+
+class _Progress:
+    """Host progress bar + interrupt check between iterations, as the callback of the core's stages."""
+
+    def __init__(self, total: int):
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, info):
+        self.bar.update(1)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+# ------------------------------------------------------------------------------------------------- Imagic
+
+
+class CollabImagicFineTune:
+    """Imagic for one uni-modal model, as the reference's editing/imagic_edit_*.py: optimise the target
+    condition so that the model reconstructs the photo (stage 1), then fine-tune a copy of the model with it
+    (stage 2). Returns the model patched with the tuned weights (the loaded model is not changed) and the
+    optimised conditioning; blend it with the target in Imagic Interpolate."""
+
+    NAME = "Imagic Fine-Tune (uni-modal)"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A uni-modal model (Load Collaborative Model)."}),
+            "positive": ("CONDITIONING", {"tooltip": "The TARGET condition (new caption / repainted mask)."}),
+            "latent": ("LATENT", {"tooltip": "The photo: VAE Encode of it with the model's VAE."}),
+            "stage1_lr": ("FLOAT", {"default": 1e-3, "min": 0.0, "max": 1.0, "step": 1e-4, "round": 1e-6,
+                                    "tooltip": "Embedding optimisation learning rate (reference 1e-3)."}),
+            "stage1_iters": ("INT", {"default": 500, "min": 0, "max": 100000,
+                                     "tooltip": "Embedding optimisation iterations (reference 500)."}),
+            "stage2_lr": ("FLOAT", {"default": 1e-6, "min": 0.0, "max": 1.0, "step": 1e-7, "round": 1e-9,
+                                    "tooltip": "UNet fine-tuning learning rate (reference 1e-6)."}),
+            "stage2_iters": ("INT", {"default": 1000, "min": 0, "max": 100000,
+                                     "tooltip": "UNet fine-tuning iterations (reference 1000); 0 = embedding only."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Seeds the noise and timesteps of both stages (reference 0)."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("model", "optimized", "target")
+    OUTPUT_TOOLTIPS = ("The model with the fine-tuned weights as a patch (the loaded model is unchanged).",
+                       "The optimised condition (reconstructs the photo).", "The target condition, passed through.")
+    FUNCTION = "tune"
+    CATEGORY = EDIT_CATEGORY
+    DESCRIPTION = __doc__
+
+    def tune(self, model, positive, latent, stage1_lr=1e-3, stage1_iters=500, stage2_lr=1e-6, stage2_iters=1000,
+             seed=0):
+        node = self.NAME
+        try:
+            target = adapters.conditioning_context(positive, "positive")
+            info = host.model_info(model)
+            adapters.check_context_dim(target, info.context_dim if info else None,
+                                       info.modality if info else "model")
+            ac = _alphas_cumprod(model)
+        except CollabError as err:
+            raise node_error(node, err) from err
+        if target.shape[0] != 1:
+            raise CollabNodeError(node, f"the conditioning holds a batch of {target.shape[0]}; give one condition")
+        comfy.model_management.load_models_gpu([model])  # applies the MODEL's own patches to the shared weights
+        unet = model.model.diffusion_model
+        device = next(unet.parameters()).device
+        z0 = _photo_latent(model, latent, node).to(device)
+        seed = int(seed) % (2 ** 63)
+        progress = _Progress(stage1_iters + stage2_iters)
+        try:
+            a = I.optimize_embedding(unet, z0, target.to(device), ac, iters=int(stage1_iters), lr=float(stage1_lr),
+                                     seed=seed, callback=progress, progress=False, forward=_forward)
+            optimized = a.embedding.detach().cpu()
+            out_model = model
+            if stage2_iters > 0:
+                b = I.finetune_unet(unet, z0, a.embedding, ac, iters=int(stage2_iters), lr=float(stage2_lr),
+                                    seed=seed + 1, callback=progress, progress=False, forward=_forward)
+                out_model = self._patched(model, unet, b.unet)
+        except CollabError as err:
+            raise node_error(node, err) from err
+        opts = dict(positive[0][1]) if len(positive[0]) > 1 else {}
+        return (out_model, adapters.make_conditioning(optimized.float(), **opts), positive)
+
+    @staticmethod
+    def _patched(model, original, tuned):
+        """A clone of ``model`` whose weights are ``tuned``: the difference enters as 'diff' weight patches."""
+        patches = {}
+        with torch.inference_mode(False), torch.no_grad():
+            now = original.state_dict()
+            for k, v in tuned.state_dict().items():
+                if not v.is_floating_point():
+                    continue
+                diff = v.detach().float().cpu() - now[k].detach().float().cpu()
+                if torch.count_nonzero(diff):
+                    patches[f"diffusion_model.{k}"] = (diff,)
+        clone = model.clone()
+        clone.add_patches(patches, 1.0, 1.0)
+        return clone
+
+
+class CollabImagicInterpolate:
+    """Imagic's interpolation between the target and the optimised condition: alpha·target + (1 − alpha)·optimised
+    (1 = the target, 0 = the photo; the reference sweeps −1 … 1.5 uni-modally and 0 … 2.5 collaboratively)."""
+
+    NAME = "Imagic Interpolate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "target": ("CONDITIONING",),
+            "optimized": ("CONDITIONING",),
+            "alpha": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.025}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "blend"
+    CATEGORY = EDIT_CATEGORY
+    DESCRIPTION = __doc__
+
+    def blend(self, target, optimized, alpha=1.0):
+        try:
+            t = adapters.conditioning_context(target, "target")
+            o = adapters.conditioning_context(optimized, "optimized")
+            mixed = I.interpolate(t.float(), o.float().to(t.device), float(alpha))
+        except CollabError as err:
+            raise node_error(self.NAME, err) from err
+        opts = dict(target[0][1]) if len(target[0]) > 1 else {}
+        return (adapters.make_conditioning(mixed, **opts),)
+
+
+# ------------------------------------------------------------------------------------------------- inversion
+
+
+@dataclass
+class InversionResult:
+    """What Resample From Inversion needs: the inverted states and the photo latent (host format)."""
+
+    inversion: V.Inversion
+    latent: torch.Tensor  # the photo's LATENT samples (unscaled, as VAE Encode gives)
+    steps: int
+
+
+class _DDPMSampler(comfy.samplers.Sampler):
+    """A host SAMPLER that hands the core a denoiser ``eps(x, t)`` in DDPM form (x at level ᾱ_t, integer t)."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        ms = model_wrap.inner_model.model_sampling
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image = latent_image
+        model_k.noise = noise
+        args = dict(extra_args)
+        args["denoise_mask"] = None
+
+        def denoiser(x, t):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            sig = ms.sigmas[int(t.reshape(-1)[0])].to(device=x.device, dtype=x.dtype)
+            x_ve = x * (sig ** 2 + 1.0) ** 0.5
+            den = model_k(x_ve, sig * torch.ones((x.shape[0],), device=x.device, dtype=x.dtype), **args)
+            return (x_ve - den) / sig
+
+        return self.job(denoiser, latent_image)
+
+
+def _sigmas(guider, steps: int) -> torch.Tensor:
+    return comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "ddim_uniform",
+                                           steps)
+
+
+class CollabDDIMInversion:
+    """Invert the photo with deterministic DDIM under a GUIDER holding the SOURCE conditions (Collaborative
+    Guider: the photo's mask and a caption of it; dynamic diffuser included). Resample From Inversion with the
+    TARGET conditions then edits; with the same conditions it gives the photo back."""
+
+    NAME = "DDIM Inversion (collaborative)"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "guider": ("GUIDER", {"tooltip": "Collaborative Guider with the SOURCE conditions, cfg 1."}),
+            "latent": ("LATENT", {"tooltip": "The photo: VAE Encode of it."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM steps (use the same to resample)."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                   "tooltip": "Fraction of the steps to invert: lower keeps more of the photo."}),
+            "refine": ("INT", {"default": 2, "min": 0, "max": 20,
+                               "tooltip": "Fixed-point iterations per step (more exact inversion, 1 call each)."}),
+            "correct": ("BOOLEAN", {"default": True, "tooltip": "Store each step's mismatch so that resampling with the "
+                                                               "source conditions is exact (1 call per step)."}),
+        }}
+
+    RETURN_TYPES = (INVERSION, "LATENT")
+    RETURN_NAMES = ("inversion", "x_T")
+    FUNCTION = "invert"
+    CATEGORY = EDIT_CATEGORY
+    DESCRIPTION = __doc__
+
+    def invert(self, guider, latent, steps=50, strength=1.0, refine=2, correct=True):
+        node = self.NAME
+        if not isinstance(latent, dict) or "samples" not in latent or latent["samples"].shape[0] != 1:
+            raise CollabNodeError(node, "'latent' must be the LATENT of one photo (VAE Encode)")
+        try:
+            ac = _alphas_cumprod(guider.model_patcher)
+            schedule = ddim_schedule(ac, int(steps), 0.0)
+            n = len(schedule)
+            start = n - V.steps_for_strength(n, float(strength))
+        except CollabError as err:
+            raise node_error(node, err) from err
+        holder = {}
+        bar = comfy.utils.ProgressBar(n - start)
+
+        def job(denoiser, z0):
+            def cb(info):
+                bar.update(1)
+            inv = V.ddim_invert(denoiser, z0, schedule, start=start, refine=int(refine), correct=bool(correct),
+                                progress=False, callback=cb)
+            holder["inv"] = inv
+            return inv.x_T
+
+        samples = latent["samples"].float()
+        x_T = guider.sample(torch.zeros_like(samples), samples, _DDPMSampler(job), _sigmas(guider, int(steps)),
+                            disable_pbar=True, seed=0)
+        result = InversionResult(inversion=holder["inv"], latent=samples.cpu(), steps=int(steps))
+        return (result, {"samples": x_T.cpu()})
+
+
+class CollabResampleInversion:
+    """Sample from an inversion with a GUIDER holding the TARGET conditions (deterministic DDIM). With an
+    edit_mask (white = may change; e.g. Face Mask Difference) everything else is kept: after every step the
+    latent outside the mask is the inversion's own latent at that level, so it ends as the photo's."""
+
+    NAME = "Resample From Inversion"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "guider": ("GUIDER", {"tooltip": "Collaborative Guider with the TARGET conditions, cfg 1."}),
+            "inversion": (INVERSION,),
+            "grow": ("INT", {"default": 1, "min": 0, "max": 16, "tooltip": "Grow the edit mask by N latent pixels."}),
+            "inside": (["inverted", "noise"], {"default": "inverted", "tooltip": "Start the masked region from the "
+                       "inverted latent (keeps more of the photo) or from fresh noise (regenerates it: stronger edits; "
+                       "needs an edit_mask)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Seeds the fresh noise of inside = noise."}),
+        }, "optional": {"edit_mask": ("MASK", {"tooltip": "White = may change (picture resolution)."})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "resample"
+    CATEGORY = EDIT_CATEGORY
+    DESCRIPTION = __doc__
+
+    def resample(self, guider, inversion, grow=1, inside="inverted", seed=0, edit_mask=None):
+        node = self.NAME
+        if not isinstance(inversion, InversionResult):
+            raise CollabNodeError(node, "'inversion' must come from DDIM Inversion (collaborative)")
+        inv = inversion.inversion
+        region = None
+        if edit_mask is not None:
+            m = edit_mask[0] if edit_mask.dim() == 3 else edit_mask
+            try:
+                region = edit_region((m > 0.5).cpu().numpy(), tuple(inv.z0.shape[-2:]), grow=int(grow))
+            except CollabError as err:
+                raise node_error(node, err) from err
+        if inside == "noise" and region is None:
+            raise CollabNodeError(node, "inside = noise regenerates the masked region and needs an edit_mask (e.g. "
+                                        "Face Mask Difference)")
+        bar = comfy.utils.ProgressBar(len(inv.schedule) - inv.start)
+
+        def job(denoiser, z0):
+            x_start, use = None, inv
+            if inside == "noise":
+                gen = torch.Generator("cpu").manual_seed(int(seed) % (2 ** 63))
+                noise = torch.randn(inv.z0.shape, generator=gen).to(inv.z0)
+                a = float(inv.schedule.a_t[inv.start])
+                r = region.to(inv.z0)
+                x_start = r * (a ** 0.5 * inv.z0 + (1 - a) ** 0.5 * noise) + (1 - r) * inv.x_T
+                use = V.Inversion(states=inv.states, schedule=inv.schedule, start=inv.start)  # no correction inside
+            return V.sample_from_inversion(denoiser, use, region=region, x_start=x_start, progress=False,
+                                           callback=lambda info: bar.update(1))
+
+        samples = inversion.latent
+        out = guider.sample(torch.zeros_like(samples), samples, _DDPMSampler(job), _sigmas(guider, inversion.steps),
+                            disable_pbar=True, seed=0)
+        return ({"samples": out.cpu()},)
+
+
+class CollabMaskDifference:
+    """Where the target face mask differs from the source one (the region an edit should change), as a MASK."""
+
+    NAME = "Face Mask Difference"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"source_labels": ("MASK", {"tooltip": "The photo's own mask (Load Face Mask)."}),
+                             "target_labels": ("MASK", {"tooltip": "The repainted mask (Load Face Mask)."})}}
+
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("edit_mask",)
+    FUNCTION = "difference"
+    CATEGORY = EDIT_CATEGORY
+    DESCRIPTION = __doc__
+
+    def difference(self, source_labels, target_labels):
+        try:
+            src = adapters.labels_from_host(mask=source_labels)[0]
+            tgt = adapters.labels_from_host(mask=target_labels)[0]
+            changed = changed_labels(src, tgt)
+        except CollabError as err:
+            raise node_error(self.NAME, err) from err
+        return (torch.from_numpy(changed.astype(np.float32))[None],)
+
+
+NODE_CLASS_MAPPINGS = {
+    "CollabImagicFineTune": CollabImagicFineTune,
+    "CollabImagicInterpolate": CollabImagicInterpolate,
+    "CollabDDIMInversion": CollabDDIMInversion,
+    "CollabResampleInversion": CollabResampleInversion,
+    "CollabMaskDifference": CollabMaskDifference,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {k: v.NAME for k, v in NODE_CLASS_MAPPINGS.items()}
