@@ -27,6 +27,15 @@ def _config_input() -> tuple:
                                              "without one the official 512/256 settings are used."})
 
 
+
+def _read_checkpoint(node, ckpt_name, config):
+    """The file behind a loader's choice, split into parts, with its official config (if any)."""
+    path = host.checkpoint_path(ckpt_name, node)
+    try:
+        return path, host.read_parts(path), host.read_config(config, path, node)
+    except CollabError as err:
+        raise node_error(node, err) from err
+
 class CollabUnimodalLoader:
     """Load a uni-modal Collaborative Diffusion model (512_text.ckpt, 512_mask.ckpt, or one branch of the
     collaborative file) as a host MODEL, with its condition encoder and the VAE the file holds."""
@@ -58,12 +67,7 @@ class CollabUnimodalLoader:
 
     def load(self, ckpt_name, modality=AUTO, config=AUTO, heads=0):
         node = self.NAME
-        path = host.checkpoint_path(ckpt_name, node)
-        try:
-            parts = host.read_parts(path)
-            cfg = host.read_config(config, path, node)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        path, parts, cfg = _read_checkpoint(node, ckpt_name, config)
         if not parts.unets:
             raise CollabNodeError(node, f"{path.name} holds no uni-modal UNet ({parts.describe().splitlines()[0]}); "
                                         "choose 512_text / 512_mask or the collaborative checkpoint. A dynamic "
@@ -175,12 +179,7 @@ class CollabDiffuserLoader:
 
     def load(self, ckpt_name, config=AUTO, heads=0):
         node = self.NAME
-        path = host.checkpoint_path(ckpt_name, node)
-        try:
-            parts = host.read_parts(path)
-            cfg = host.read_config(config, path, node)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        path, parts, cfg = _read_checkpoint(node, ckpt_name, config)
         if not parts.diffusers:
             raise CollabNodeError(node, f"{path.name} holds no dynamic diffusers ({parts.describe().splitlines()[0]}); "
                                         "choose the collaborative checkpoint (e.g. 512_codiff_mask_text.ckpt)")
