@@ -77,6 +77,15 @@ class AttributeNet(nn.Module):
         return [head(h) for head in self.heads]
 
 
+
+def _display_path(path) -> str:
+    """The bundle's path relative to the project when it lies inside it, so results name no machine's paths."""
+    from pathlib import Path
+
+    path = Path(path).resolve()
+    root = Path(__file__).resolve().parent.parent
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Blur some pictures (like a VAE's reconstructions) and add noise, so the evaluators judge content, not sharpness."""
     b = x.shape[0]
@@ -247,7 +256,7 @@ def main(argv=None) -> int:
     holds = all(e["joint"]["mean"] < results[ref_row]["joint"].mean() for e in untrained)
     significant = all(e["delta_joint_vs_trained"]["ci95"][1] < 0 for e in untrained)
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"n": args.n, "steps": args.steps, "eta": 1.0, "seed": args.seed, "bundle": str(bundle),
+    summary = {"n": args.n, "steps": args.steps, "eta": 1.0, "seed": args.seed, "bundle": _display_path(bundle),
                "rows": table, "best_joint": best["row"], "claim_holds": holds, "claim_significant": significant,
                "reference_row": ref_row, "seconds": timings,
                "total_seconds": round(time.perf_counter() - started, 1)}
