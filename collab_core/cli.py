@@ -97,19 +97,41 @@ def _device(name: str):
     return torch.device("cpu")
 
 
+def _device_and_dtype(args):
+    import torch
+
+    device = _device(args.device)
+    if args.half and device.type == "cpu":
+        raise CollabError("--half needs a GPU (float16 convolutions are slow or missing on the CPU); drop --half")
+    return device, torch.float16 if args.half else torch.float32
+
+
+def _influence(args):
+    """The influence shaping chosen by --plain-softmax / --mask-schedule / --mask-scale."""
+    from .fusion import BranchInfluence, InfluenceConfig
+
+    if args.plain_softmax:
+        return InfluenceConfig.plain()
+    return InfluenceConfig({
+        "mask": BranchInfluence(schedule=args.mask_schedule, scale_factor=None if args.mask_scale == 1 else args.mask_scale),
+        "text": BranchInfluence(complement=args.mask_schedule != "none"),
+    })
+
+
+def _load_pipeline(args, device, dtype, image_size):
+    """The pipeline named by the model options shared by `generate` and `edit`."""
+    from .models import load_pipeline
+
+    return load_pipeline(args.checkpoints, text_model=args.text_model, mask_model=args.mask_model, vae=args.vae,
+                         diffuser=args.diffuser, configs=args.config, prefix=args.prefix, device=device, dtype=dtype,
+                         image_size=image_size)
+
+
 def cmd_generate(args) -> int:
     import torch
 
-    from .fusion import BranchInfluence, InfluenceConfig
-    from .models import load_pipeline
-
-    device = _device(args.device)
-    dtype = torch.float16 if args.half else torch.float32
-    if args.half and device.type == "cpu":
-        raise CollabError("--half needs a GPU (float16 convolutions are slow or missing on the CPU); drop --half")
-    pipe = load_pipeline(args.checkpoints, text_model=args.text_model, mask_model=args.mask_model, vae=args.vae,
-                         diffuser=args.diffuser, configs=args.config, prefix=args.prefix, device=device, dtype=dtype,
-                         image_size=args.size)
+    device, dtype = _device_and_dtype(args)
+    pipe = _load_pipeline(args, device, dtype, args.size)
     conditions = {}
     wanted = {"auto": None, "collaborative": {"text", "mask"}, "text": {"text"}, "mask": {"mask"}}[args.mode]
     text = args.text
@@ -138,13 +160,7 @@ def cmd_generate(args) -> int:
         raise CollabError(f"--mode {args.mode} needs {need}; loaded branches: {', '.join(pipe.names)}")
     if not conditions:
         raise CollabError(f"nothing to condition on: give --text and/or --mask (loaded branches: {', '.join(pipe.names)})")
-    if args.plain_softmax:
-        influence = InfluenceConfig.plain()
-    else:
-        influence = InfluenceConfig({
-            "mask": BranchInfluence(schedule=args.mask_schedule, scale_factor=None if args.mask_scale == 1 else args.mask_scale),
-            "text": BranchInfluence(complement=args.mask_schedule != "none"),
-        })
+    influence = _influence(args)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     started = time.perf_counter()
     result = pipe.generate(conditions=conditions, batch=args.batch, steps=args.steps, eta=args.eta, seed=seed,
@@ -164,31 +180,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    import torch
-
     from .editing.command import check_method_options, run_edit
-    from .fusion import BranchInfluence, InfluenceConfig
-    from .models import load_pipeline
 
     check_method_options(args)
-    device = _device(args.device)
-    dtype = torch.float16 if args.half else torch.float32
-    if args.half and device.type == "cpu":
-        raise CollabError("--half needs a GPU (float16 convolutions are slow or missing on the CPU); drop --half")
-    if args.plain_softmax:
-        influence = InfluenceConfig.plain()
-    else:
-        influence = InfluenceConfig({
-            "mask": BranchInfluence(schedule=args.mask_schedule, scale_factor=None if args.mask_scale == 1 else args.mask_scale),
-            "text": BranchInfluence(complement=args.mask_schedule != "none"),
-        })
-
-    def load(image_size):
-        return load_pipeline(args.checkpoints, text_model=args.text_model, mask_model=args.mask_model, vae=args.vae,
-                             diffuser=args.diffuser, configs=args.config, prefix=args.prefix, device=device,
-                             dtype=dtype, image_size=args.size or image_size)
-
-    return run_edit(args, load, device, dtype, influence)
+    device, dtype = _device_and_dtype(args)
+    influence = _influence(args)
+    return run_edit(args, lambda image_size: _load_pipeline(args, device, dtype, args.size or image_size), device,
+                    dtype, influence)
 
 
 def cmd_convert(args) -> int:

@@ -207,12 +207,13 @@ class CollaborativePipeline:
             if out.fusion is not None:
                 names = [n for n in self.names if n in contexts]
                 for name, w in zip(names, out.fusion.weights):
-                    recorded.setdefault(name, []).append(w.detach().float().cpu())
+                    # kept on the sampling device: a per-step copy to the CPU would stall the GPU every step
+                    recorded.setdefault(name, []).append(w.detach())
             return out.eps
 
         z = sample_ddim(denoiser, x_T, schedule, noise_sampler=noise_sampler, generator=generator,
                         callback=callback, progress=progress)
-        maps = {name: torch.stack(ws) for name, ws in recorded.items()}
+        maps = {name: torch.stack(ws).float().cpu() for name, ws in recorded.items()}
         return z, maps, schedule.timesteps
 
     @torch.no_grad()

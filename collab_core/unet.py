@@ -501,15 +501,24 @@ def unet_state_dict_to_ldm(diffusers_sd: Mapping[str, torch.Tensor], config: UNe
     return convert_with_table(diffusers_sd, table, expected_ldm, "UNet (diffusers layout)", forward=False)
 
 
-def load_converted(model: torch.nn.Module, converted: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Assign ``converted`` into a meta-device ``model`` without an extra copy of the weights."""
+def instantiate_converted(model_class: str, config, converted: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                          device) -> torch.nn.Module:
+    """diffusers' ``model_class`` built on the meta device with ``converted`` assigned into it (eval mode, no
+    gradients): no random initialisation runs and memory-mapped weights are not copied a second time."""
+    import diffusers
+
+    with torch.device("meta"):
+        model = getattr(diffusers, model_class)(**config.diffusers_kwargs())
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
-    if any(t.is_meta for t in tensors.values()):
-        return  # shape-only build (tests, size estimates): meta in, meta out
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(f"internal error: no weights for {_sample(left)}")
+    if not any(t.is_meta for t in tensors.values()):  # meta in, meta out: shape-only builds skip the check
+        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if left:
+            raise CheckpointError(f"internal error: no weights for {_sample(left)}")
+    model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def build_unet(
@@ -527,13 +536,4 @@ def build_unet(
     no random initialisation runs and memory-mapped weights are not duplicated for float32/CPU.
     """
     cfg = config or infer_unet_config(sd, num_heads, head_channels=head_channels)
-    converted = convert_unet_state_dict(sd, cfg)
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        model = UNet2DConditionModel(**cfg.diffusers_kwargs())
-    load_converted(model, converted, dtype)
-    model = model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return instantiate_converted("UNet2DConditionModel", cfg, convert_unet_state_dict(sd, cfg), dtype, device)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .unet import (KeyRule, KeyTable, _child_indices, _sample, convert_with_table, diffusers_shapes, ldm_shapes,
-                   load_converted)
+from .unet import (KeyRule, KeyTable, _child_indices, _sample, convert_with_table, diffusers_shapes, instantiate_converted,
+                   ldm_shapes)
 
 __all__ = [
     "OFFICIAL_SCALE_FACTORS",
@@ -225,13 +225,4 @@ def build_vae(
     if not scale_factor > 0:
         raise ConfigError(f"scale_factor must be positive, got {scale_factor}")
     cfg = VAEConfig(**{**cfg.__dict__, "scaling_factor": float(scale_factor)})
-    converted = convert_vae_state_dict(sd, cfg)
-    from diffusers import AutoencoderKL
-
-    with torch.device("meta"):
-        model = AutoencoderKL(**cfg.diffusers_kwargs())
-    load_converted(model, converted, dtype)
-    model = model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return instantiate_converted("AutoencoderKL", cfg, convert_vae_state_dict(sd, cfg), dtype, device)

@@ -21,6 +21,22 @@ from collab_core.vae import build_vae, convert_vae_state_dict, default_scale_fac
 # ---------------------------------------------------------------------------------------------
 
 
+def _conv(s: dict):
+    def conv(name, o, i, k):
+        s[f"{name}.weight"] = (o, i, k, k)
+        s[f"{name}.bias"] = (o,)
+
+    return conv
+
+
+def _norm(s: dict):
+    def norm(name, c):
+        s[f"{name}.weight"] = (c,)
+        s[f"{name}.bias"] = (c,)
+
+    return norm
+
+
 def ldm_unet_shapes(model_ch, mult, attn_ds=(2, 4, 8), n_res=2, ctx=640, in_ch=3, out_ch=3, depth=1):
     s: dict[str, tuple] = {}
     emb = 4 * model_ch
@@ -30,13 +46,7 @@ def ldm_unet_shapes(model_ch, mult, attn_ds=(2, 4, 8), n_res=2, ctx=640, in_ch=3
         if bias:
             s[f"{name}.bias"] = (o,)
 
-    def conv(name, o, i, k):
-        s[f"{name}.weight"] = (o, i, k, k)
-        s[f"{name}.bias"] = (o,)
-
-    def norm(name, c):
-        s[f"{name}.weight"] = (c,)
-        s[f"{name}.bias"] = (c,)
+    conv, norm = _conv(s), _norm(s)
 
     def resblock(p, cin, cout):
         norm(f"{p}.in_layers.0", cin)
@@ -105,13 +115,7 @@ def ldm_unet_shapes(model_ch, mult, attn_ds=(2, 4, 8), n_res=2, ctx=640, in_ch=3
 def ldm_vae_shapes(ch=128, mult=(1, 2, 4, 4), n_res=2, z=3, embed=3, with_loss=False):
     s: dict[str, tuple] = {}
 
-    def conv(name, o, i, k):
-        s[f"{name}.weight"] = (o, i, k, k)
-        s[f"{name}.bias"] = (o,)
-
-    def norm(name, c):
-        s[f"{name}.weight"] = (c,)
-        s[f"{name}.bias"] = (c,)
+    conv, norm = _conv(s), _norm(s)
 
     def resnet(p, cin, cout):
         norm(f"{p}.norm1", cin)

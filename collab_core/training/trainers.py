@@ -182,6 +182,19 @@ class _VAETraining(nn.Module):
         return self.vae.decode(z).sample, kl
 
 
+
+def _noisy_batch(ctx: StepContext, n_items: int, latents, alphas_cumprod: torch.Tensor):
+    """One training batch of the ε objective: item indices, x_t = q(z0, t, ε), t and ε, on the step's device.
+
+    Draws (indices, latent sample, t, ε) from the step's generator in that order, so resumed runs replay it."""
+    g = ctx.generator
+    idx = torch.randint(n_items, (ctx.batch_size,), generator=g)
+    z0 = latents.draw(idx, g)
+    t = torch.randint(0, len(alphas_cumprod), (ctx.batch_size,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    z0, t, noise = z0.to(ctx.device), t.to(ctx.device), noise.to(ctx.device)
+    return idx, q_sample(z0, t, noise, alphas_cumprod), t, noise
+
 def train_vae(train_set: ImageConditionSet, val_set: ImageConditionSet, out_dir: Path | str, cfg: TrainConfig,
               arch: VAEArch = VAEArch(), name: str = "model", crop: Optional[int] = 32, kl_weight: float = 1e-5,
               ckpt: bool = False) -> dict:
@@ -381,14 +394,9 @@ def train_unimodal(train_set: ImageConditionSet, val_set: ImageConditionSet, vae
     val_z = val_lat.scale * val_lat.mean
 
     def loss_fn(ctx: StepContext) -> torch.Tensor:
-        g = ctx.generator
-        idx = torch.randint(len(train_set), (ctx.batch_size,), generator=g)
-        z0 = latents.draw(idx, g)
-        t = torch.randint(0, len(ac), (ctx.batch_size,), generator=g)
-        noise = torch.randn(z0.shape, generator=g)
-        z0, t, noise = z0.to(ctx.device), t.to(ctx.device), noise.to(ctx.device)
+        idx, x_t, t, noise = _noisy_batch(ctx, len(train_set), latents, ac)
         c = ctx.modules["encoder"](train_set.encoder_input(column, idx, _bare(ctx.modules["encoder"])).to(ctx.device))
-        eps = ctx.modules["unet"](q_sample(z0, t, noise, ac), t, encoder_hidden_states=c).sample
+        eps = ctx.modules["unet"](x_t, t, encoder_hidden_states=c).sample
         return F.mse_loss(eps.float(), noise)
 
     def val_fn(mods, device) -> float:
@@ -507,13 +515,8 @@ def train_diffusers(train_set: ImageConditionSet, val_set: ImageConditionSet, br
         return fuse(eps, logits, names, t, plain).eps
 
     def loss_fn(ctx: StepContext) -> torch.Tensor:
-        g = ctx.generator
-        idx = torch.randint(len(train_set), (ctx.batch_size,), generator=g)
-        z0 = latents.draw(idx, g)
-        t = torch.randint(0, len(ac), (ctx.batch_size,), generator=g)
-        noise = torch.randn(z0.shape, generator=g)
-        z0, t, noise = z0.to(ctx.device), t.to(ctx.device), noise.to(ctx.device)
-        return F.mse_loss(fused_eps(ctx.modules, train_set, idx, q_sample(z0, t, noise, ac), t, ctx.device), noise)
+        idx, x_t, t, noise = _noisy_batch(ctx, len(train_set), latents, ac)
+        return F.mse_loss(fused_eps(ctx.modules, train_set, idx, x_t, t, ctx.device), noise)
 
     def val_fn(mods, device) -> float:
         total = 0.0

@@ -147,11 +147,9 @@ def _guider_graph(prefix: str, mask_file: str, text: str) -> dict:
     }
 
 
-def editing_graph(steps: int = 5, same_conditions: bool = False) -> dict:
-    """Load photo → encode → source/target masks → invert with the source → resample with the target, keeping
-    what the masks agree on → decode → save."""
-    target_mask = "edit_source_mask.png" if same_conditions else "edit_target_mask.png"
-    g = {
+def _loaders_and_photo() -> dict:
+    """Nodes t (text model), m (mask model), d (dynamic diffusers), img and enc (the photo's latent)."""
+    return {
         "t": {"class_type": "CollabUnimodalLoader", "inputs": {"ckpt_name": CODIFF, "modality": "text",
                                                               "config": "auto", "heads": 0}},
         "m": {"class_type": "CollabUnimodalLoader", "inputs": {"ckpt_name": CODIFF, "modality": "mask",
@@ -159,6 +157,15 @@ def editing_graph(steps: int = 5, same_conditions: bool = False) -> dict:
         "d": {"class_type": "CollabDiffuserLoader", "inputs": {"ckpt_name": CODIFF, "config": "auto", "heads": 0}},
         "img": {"class_type": "LoadImage", "inputs": {"image": "edit_photo.png"}},
         "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["img", 0], "vae": ["t", 2]}},
+    }
+
+
+def editing_graph(steps: int = 5, same_conditions: bool = False) -> dict:
+    """Load photo → encode → source/target masks → invert with the source → resample with the target, keeping
+    what the masks agree on → decode → save."""
+    target_mask = "edit_source_mask.png" if same_conditions else "edit_target_mask.png"
+    g = {
+        **_loaders_and_photo(),
         **_guider_graph("s", "edit_source_mask.png", "She has long black hair."),
         **_guider_graph("g", target_mask, "She has long black hair."),
         "diff": {"class_type": "CollabMaskDifference", "inputs": {"source_labels": ["smf", 0],
@@ -204,13 +211,7 @@ def test_inversion_with_the_source_conditions_gives_the_photo_back(host, ed):
 
 def test_imagic_graph_samples_with_the_tuned_models(host, ed):
     g = {
-        "t": {"class_type": "CollabUnimodalLoader", "inputs": {"ckpt_name": CODIFF, "modality": "text",
-                                                              "config": "auto", "heads": 0}},
-        "m": {"class_type": "CollabUnimodalLoader", "inputs": {"ckpt_name": CODIFF, "modality": "mask",
-                                                              "config": "auto", "heads": 0}},
-        "d": {"class_type": "CollabDiffuserLoader", "inputs": {"ckpt_name": CODIFF, "config": "auto", "heads": 0}},
-        "img": {"class_type": "LoadImage", "inputs": {"image": "edit_photo.png"}},
-        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["img", 0], "vae": ["t", 2]}},
+        **_loaders_and_photo(),
         "te": {"class_type": "CollabTextEncode", "inputs": {"encoder": ["t", 1], "text": "She has no hair."}},
         "mf": {"class_type": "CollabLoadFaceMask", "inputs": {"image": "edit_target_mask.png"}},
         "me": {"class_type": "CollabMaskEncode", "inputs": {"encoder": ["m", 1], "tolerance": 0.0,
