@@ -29,7 +29,7 @@ import folder_paths
 from ..collab_core.checkpoint import read_checkpoint_metadata, read_state_dict
 from ..collab_core.errors import ConfigError
 from ..collab_core.layout import CheckpointParts, split_checkpoint
-from ..collab_core.models import WHERE_TO_GET, find_config
+from ..collab_core.models import WHERE_TO_GET, demo_bundle_dir, demo_defaults, find_config
 from ..collab_core.schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS, make_alphas_cumprod
 from ..collab_core.vae import default_scale_factor, infer_vae_config
 from ..collab_core.yaml_config import OfficialConfig, read_official_config
@@ -43,13 +43,16 @@ log = logging.getLogger("collaborative_diffusion")
 
 
 def register_folders() -> None:
-    """Add ``models/collaborative_diffusion`` (checkpoints and official YAMLs) without overwriting user paths."""
+    """Add ``models/collaborative_diffusion`` (checkpoints and official YAMLs) without overwriting user paths,
+    and, after it, the pack's own demo bundle, so that the demo models are listed on a fresh install."""
     default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
     exts = set(folder_paths.supported_pt_extensions) | set(adapters.CONFIG_SUFFIXES)
     entry = folder_paths.folder_names_and_paths.get(MODEL_FOLDER)
     paths = list(entry[0]) if entry else []
-    if default not in paths:
-        paths.append(default)
+    demo = demo_bundle_dir()
+    for p in (default, str(demo) if demo else None):
+        if p and p not in paths:
+            paths.append(p)
     folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, exts)
 
 
@@ -87,6 +90,23 @@ def missing_checkpoint_message(name: str) -> Optional[str]:
     where = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER) + folder_paths.get_folder_paths("checkpoints"))
     return (f"checkpoint '{name}' not found; put it in one of: {where} (then press R in the browser to refresh "
             f"the list). {WHERE_TO_GET}")
+
+
+#: Face masks that ship with the pack, offered by Load Face Mask next to the input folder's pictures, so the
+#: example workflows run without copying files first. Shown under a prefix no input file name can clash with.
+BUNDLED_MASK_PREFIX = "[pack] "
+_EXAMPLES = Path(__file__).resolve().parent.parent / "workflows"
+
+
+def bundled_masks() -> dict[str, Path]:
+    found = {}
+    demo_mask = demo_defaults().get("mask")
+    if demo_mask is not None and Path(demo_mask).is_file():
+        found[BUNDLED_MASK_PREFIX + "demo_default_mask.png"] = Path(demo_mask)
+    for name in ("face_mask_example.png", "edit_example_target_mask.png"):
+        if (_EXAMPLES / name).is_file():
+            found[BUNDLED_MASK_PREFIX + name] = _EXAMPLES / name
+    return found
 
 
 def read_parts(path: Path) -> CheckpointParts:
@@ -174,7 +194,9 @@ def schedule_settings(cfg: OfficialConfig, parts: CheckpointParts, node: str) ->
     stored = parts.schedule.get("alphas_cumprod")
     if stored is not None:
         ours = make_alphas_cumprod(start, end, steps)
-        if stored.shape != ours.shape or not torch.allclose(stored.float(), ours, rtol=1e-5, atol=1e-7):
+        # a half-precision copy of a checkpoint holds the same schedule, rounded
+        rtol = max(1e-5, 4 * torch.finfo(stored.dtype).eps) if stored.is_floating_point() else 1e-5
+        if stored.shape != ours.shape or not torch.allclose(stored.float(), ours, rtol=rtol, atol=1e-7):
             raise CollabNodeError(
                 node,
                 f"the checkpoint's stored noise schedule is not the linear {start}-{end} schedule over {steps} steps "

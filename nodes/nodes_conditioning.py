@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Optional
 
 import torch
 
@@ -11,7 +12,7 @@ import folder_paths
 
 from ..collab_core.errors import CollabError
 from ..collab_core.masks import CLASS_NAMES, load_mask
-from . import adapters
+from . import adapters, host
 from .adapters import CATEGORY, CollabNodeError, node_error
 from .nodes_loaders import ENCODER
 
@@ -95,7 +96,17 @@ class CollabMaskEncode:
 def _input_images() -> list[str]:
     d = folder_paths.get_input_directory()
     files = [f for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))] if os.path.isdir(d) else []
-    return sorted(folder_paths.filter_files_content_types(files, ["image"]))
+    return sorted(folder_paths.filter_files_content_types(files, ["image"])) + sorted(host.bundled_masks())
+
+
+def _mask_path(image: str) -> Optional[str]:
+    """The file behind a Load Face Mask choice: a mask shipped with the pack, or a picture in the input folder."""
+    bundled = host.bundled_masks().get(image)
+    if bundled is not None:
+        return str(bundled)
+    if folder_paths.exists_annotated_filepath(image):
+        return folder_paths.get_annotated_filepath(image)
+    return None
 
 
 class CollabLoadFaceMask:
@@ -118,7 +129,10 @@ class CollabLoadFaceMask:
 
     def load(self, image):
         node = self.NAME
-        path = folder_paths.get_annotated_filepath(image)
+        path = _mask_path(image)
+        if path is None:
+            raise CollabNodeError(node, f"mask file '{image}' not found in the input folder; upload it with the "
+                                        "node's button")
         try:
             labels = load_mask(path)
         except CollabError as err:
@@ -127,13 +141,15 @@ class CollabLoadFaceMask:
 
     @classmethod
     def IS_CHANGED(cls, image):
-        path = folder_paths.get_annotated_filepath(image)
+        path = _mask_path(image)
+        if path is None:
+            return ""
         with open(path, "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
 
     @classmethod
     def VALIDATE_INPUTS(cls, image):
-        if not folder_paths.exists_annotated_filepath(image):
+        if _mask_path(image) is None:
             return f"mask file '{image}' not found in the input folder; upload it with the node's button"
         return True
 

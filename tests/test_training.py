@@ -209,3 +209,59 @@ def test_bad_training_settings_are_refused(data, tmp_path):
         train_vae(train_set, val_set, tmp_path, cfg(1), VAEArch(widths=(48,)))
     with pytest.raises(CollabError, match="learning rate"):
         train_vae(train_set, val_set, tmp_path, cfg(1, lr=0.0))
+
+
+def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
+    from collab_core.training.loop import lr_factor
+
+    c = TrainConfig(steps=110, warmup=10, lr_schedule="cosine")
+    f = [lr_factor(s, c) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(50, TrainConfig(steps=110, warmup=10)) == 1.0
+    with pytest.raises(ConfigError, match="schedule"):
+        TrainConfig(lr_schedule="step").check()
+    with pytest.raises(ConfigError, match="EMA"):
+        TrainConfig(ema_decay=1.0).check()
+
+
+def test_weight_average_is_exported_and_survives_resuming(trained, data, tmp_path):
+    """With an EMA the exported weights are the average (not the last raw weights), and a resumed run ends with the
+    same average as an uninterrupted one."""
+    train_set, val_set = data
+    d = trained["dir"]
+    branches = [load_branch_file(d / "t_mask.safetensors"), load_branch_file(d / "t_text.safetensors")]
+    vae, scale = load_vae_file(d / "t_vae.safetensors")
+    run = lambda out, steps, ema: train_diffusers(
+        train_set, val_set, branches, vae, scale, out, cfg(steps, lr=5e-3, save_every=3, ema_decay=ema), arch=DIFF,
+        name="r", latents=trained["text"]["latents"])
+    run(tmp_path / "raw", 6, 0.0)
+    run(tmp_path / "avg", 6, 0.9)
+    run(tmp_path / "res", 3, 0.9)
+    run(tmp_path / "res", 6, 0.9)
+    files = {k: read_state_dict(tmp_path / k / "r_codiff_mask_text.safetensors") for k in ("raw", "avg", "res")}
+    keys = [k for k in files["raw"] if "confidence_predictor" in k and k.endswith("weight")]
+    assert any(not torch.allclose(files["raw"][k], files["avg"][k]) for k in keys)
+    for k in keys:
+        torch.testing.assert_close(files["avg"][k], files["res"][k], rtol=1e-5, atol=1e-6, msg=k)
+    (tmp_path / "res" / "r_codiff_run" / "state" / "ema.pt").unlink()
+    with pytest.raises(ConfigError, match="without a weight average"):
+        run(tmp_path / "res", 9, 0.9)
+
+
+def test_half_precision_export_keeps_the_noise_schedule_exact(trained, tmp_path):
+    """A float16 bundle halves the weights, not the schedule buffers: loaders compare those to the linear
+    schedule, and a rounded copy would be refused (ComfyUI) or drift."""
+    from collab_core.schedule import make_alphas_cumprod
+    from collab_core.training.trainers import _codiff_files
+
+    d = trained["dir"]
+    branches = [load_branch_file(d / "t_mask.safetensors"), load_branch_file(d / "t_text.safetensors")]
+    vae, scale = load_vae_file(d / "t_vae.safetensors")
+    diffusers = {b.name: b.unet for b in branches}  # any UNet will do for the file layout
+    paths = _codiff_files(branches, diffusers, vae, scale, SIZE, tmp_path, "half", dtype=torch.float16)
+    sd = read_state_dict([p for p in paths if p.suffix == ".safetensors"][0])
+    assert sd["alphas_cumprod"].dtype == torch.float32 and sd["betas"].dtype == torch.float32
+    assert torch.equal(sd["alphas_cumprod"], make_alphas_cumprod().float())
+    assert sd["model.text_unet.diffusion_model.out.2.weight"].dtype == torch.float16

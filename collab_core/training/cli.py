@@ -51,6 +51,10 @@ def _train_options(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
     g.add_argument("--batch", type=int, default=batch)
     g.add_argument("--lr", type=float, default=lr)
     g.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="after the warm-up: constant, or a cosine down to 10%% at the last step")
+    g.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and export a moving average of the weights with this decay (e.g. 0.999; 0 = off)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--seed", type=int, default=23)
@@ -67,7 +71,7 @@ def _config(args):
     from .loop import TrainConfig
 
     return TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, weight_decay=args.weight_decay,
-                       warmup=args.warmup, grad_accum=args.grad_accum, seed=args.seed, val_every=args.val_every,
+                       warmup=args.warmup, lr_schedule=args.lr_schedule, ema_decay=args.ema, grad_accum=args.grad_accum, seed=args.seed, val_every=args.val_every,
                        save_every=args.save_every, mixed_precision=args.mixed_precision,
                        progress=not args.no_progress, resume=not args.no_resume)
 

@@ -69,10 +69,12 @@ def schedule_buffers() -> dict[str, torch.Tensor]:
 
 
 def _cast(sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """Network weights to ``dtype``; the noise-schedule buffers stay float32, as loaders check them exactly."""
+    schedule = set(schedule_buffers())
     out = {}
     for k, v in sd.items():
         v = v.detach().cpu()
-        if dtype is not None and v.is_floating_point():
+        if dtype is not None and v.is_floating_point() and k not in schedule:
             v = v.to(dtype)
         out[k] = v.contiguous()
     return out

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -35,6 +37,8 @@ class TrainConfig:
     warmup: int = 0
     grad_clip: Optional[float] = 1.0
     grad_accum: int = 1
+    lr_schedule: str = "constant"  # constant | cosine (after the warm-up, down to 10 % at the last step)
+    ema_decay: float = 0.0  # > 0: validate and export an exponential moving average of the weights
     seed: int = 23  # the reference's seed_everything(23)
     val_every: int = 250
     save_every: int = 500
@@ -49,6 +53,10 @@ class TrainConfig:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ConfigError(f"mixed precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"learning-rate schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -84,6 +92,61 @@ def make_accelerator(cfg: TrainConfig):
                        gradient_accumulation_steps=cfg.grad_accum)
 
 
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The learning-rate multiplier at ``step``: linear warm-up, then constant or a cosine down to 0.1."""
+    warm = max(int(cfg.warmup), 0)
+    if warm and step < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(cfg.steps - warm, 1)
+    progress = min(max(step - warm, 0) / span, 1.0)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WeightAverage:
+    """An exponential moving average of trainable weights (the LDM code's ``LitEma``: the decay ramps up as
+    (1 + n) / (10 + n) over the first updates), which gives cleaner samples than the raw weights of a short run.
+
+    ``swapped()`` puts the averages into the networks for validation and export and restores the raw weights
+    after; ``state_dict`` / ``load_state_dict`` carry it through a resumed run."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.params = params
+        self.decay = decay
+        self.updates = 0
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1.0 - d)
+
+    @contextmanager
+    def swapped(self):
+        raw = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.params, raw):
+                    p.copy_(r)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ConfigError("the saved weight average does not match these networks; start over with --no-resume")
+        self.updates = int(state["updates"])
+        self.shadow = [s.to(p.device).float() for s, p in zip(state["shadow"], self.params)]
+
+
 def batch_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + step * 101 + micro) * 17 + process)
@@ -111,18 +174,24 @@ def train(name: str, out_dir: Path, modules: Mapping[str, nn.Module], loss_fn: L
     if not params:
         raise ConfigError(f"{name}: nothing to train (all parameters frozen)")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    warm = max(int(cfg.warmup), 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     prepared = accelerator.prepare(*modules.values(), opt, sched)
     wrapped = dict(zip(names, prepared[: len(names)]))
     opt, sched = prepared[len(names)], prepared[len(names) + 1]
 
     state_dir = out_dir / "state"
+    averaged = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     step = 0
     if cfg.resume and (state_dir / "trainer.json").is_file():
         accelerator.load_state(str(state_dir))
         step = int(json.loads((state_dir / "trainer.json").read_text())["step"])
+        if averaged is not None:
+            if not (state_dir / "ema.pt").is_file():
+                raise ConfigError(f"{state_dir} was saved without a weight average; resume with --ema 0 or start "
+                                  "over with --no-resume")
+            averaged.load_state_dict(torch.load(state_dir / "ema.pt", map_location="cpu", weights_only=True))
         log.info("%s: resumed at step %d from %s", name, step, state_dir)
+    use_average = averaged.swapped if averaged is not None else nullcontext
     log_path = out_dir / "train_log.jsonl"
 
     def unwrapped() -> dict[str, nn.Module]:
@@ -131,7 +200,7 @@ def train(name: str, out_dir: Path, modules: Mapping[str, nn.Module], loss_fn: L
     def validate() -> float:
         for m in wrapped.values():
             m.eval()
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), use_average():
             v = float(val_fn(unwrapped(), device))
         for m in wrapped.values():
             m.train()
@@ -147,8 +216,11 @@ def train(name: str, out_dir: Path, modules: Mapping[str, nn.Module], loss_fn: L
         accelerator.save_state(str(state_dir))
         paths = []
         if accelerator.is_main_process:
+            if averaged is not None:
+                torch.save(averaged.state_dict(), state_dir / "ema.pt")
             (state_dir / "trainer.json").write_text(json.dumps({"step": step_now, "config": asdict(cfg)}))
-            paths = export_fn(unwrapped(), step_now)
+            with use_average():
+                paths = export_fn(unwrapped(), step_now)
         return paths
 
     started = time.perf_counter()
@@ -177,6 +249,8 @@ def train(name: str, out_dir: Path, modules: Mapping[str, nn.Module], loss_fn: L
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
+        if averaged is not None:
+            averaged.update()
         step += 1
         lv = float(loss.detach())
         losses.append(lv)

@@ -39,12 +39,12 @@ def collab_ksampler(branches_ref, latent_ref, steps=10, eta=1.0, seed=0, sampler
 
 
 def collaborative_graph(mask_name: str, steps=10, eta=1.0, batch=2, size=128, order=("mask", "text"),
-                        diffuser=True, **ks) -> dict:
+                        diffuser=True, ckpt=CODIFF, text=TEXT, **ks) -> dict:
     """The reference's generate.py flow: text + mask branches from the collaborative file, its diffusers."""
     g = {
-        "t": loader(CODIFF, "text"),
-        "m": loader(CODIFF, "mask"),
-        "te": text_encode(["t", 1]),
+        "t": loader(ckpt, "text"),
+        "m": loader(ckpt, "mask"),
+        "te": text_encode(["t", 1], text),
         "mf": {"class_type": "CollabLoadFaceMask", "inputs": {"image": mask_name}},
         "me": {"class_type": "CollabMaskEncode", "inputs": {"encoder": ["m", 1], "tolerance": 0.0,
                                                             "label_mask": ["mf", 0]}},
@@ -56,7 +56,7 @@ def collaborative_graph(mask_name: str, steps=10, eta=1.0, batch=2, size=128, or
         g[f"b{i}"] = branch(*refs[name], prev=prev)
         prev = [f"b{i}", 0]
     if diffuser:
-        g["d"] = {"class_type": "CollabDiffuserLoader", "inputs": {"ckpt_name": CODIFF, "config": "auto", "heads": 0}}
+        g["d"] = {"class_type": "CollabDiffuserLoader", "inputs": {"ckpt_name": ckpt, "config": "auto", "heads": 0}}
     g["ks"] = collab_ksampler(prev, ["lat", 0], steps=steps, eta=eta, diffuser_ref=["d", 0] if diffuser else None,
                               **ks)
     g["dec"] = {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["t", 2]}}
