@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import CollabError
+from .errors import CollabError, ConfigError
 
 DEFAULT_TEXT = "This man has beard of medium length. He is in his thirties."
 
@@ -130,6 +130,9 @@ def _load_pipeline(args, device, dtype, image_size):
 def cmd_generate(args) -> int:
     import torch
 
+    if Path(args.out).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ConfigError(f"--out names a folder (pictures, influence maps and settings.json go into it), not a "
+                          f"picture file: use e.g. --out {Path(args.out).with_suffix('')}")
     device, dtype = _device_and_dtype(args)
     pipe = _load_pipeline(args, device, dtype, args.size)
     conditions = {}

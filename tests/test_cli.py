@@ -97,6 +97,13 @@ def test_missing_file_and_wrong_kind(ref_dir, tmp_path, capsys):
 
 
 @pytest.mark.parity
+def test_out_must_be_a_folder_not_a_picture(tmp_path, capsys):
+    code = main(["generate", "--out", str(tmp_path / "face.png"), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "folder" in err and "face" in err and "Traceback" not in err
+    assert not (tmp_path / "face.png").exists()
+
+
 def test_mode_needs_its_condition(ref_dir, capsys):
     code = main(["generate", "--checkpoints", str(ref_dir / "pretrained"), "--mode", "mask", "--steps", "10"])
     err = capsys.readouterr().err
