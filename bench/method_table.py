@@ -171,7 +171,7 @@ def rows(pipe: CollaborativePipeline):
 
 
 @torch.no_grad()
-def generate_row(pipe, names, influence, captions, labels, steps, batch, seed, keep_influence=False):
+def generate_row(pipe, names, influence, captions, labels, steps, batch, seed, keep_influence=False, x0_threshold=None):
     images, influence_maps = [], []
     for start in range(0, len(captions), batch):
         sl = slice(start, min(start + batch, len(captions)))
@@ -183,7 +183,8 @@ def generate_row(pipe, names, influence, captions, labels, steps, batch, seed, k
 
             enc = pipe.branch("mask").encoder
             contexts["mask"] = enc(labels_to_onehot_batch(labels[sl], enc.size)).to(pipe.dtype)
-        z, maps, _ = pipe.sample(contexts, steps=steps, eta=1.0, seed=seed + start, influence=influence, progress=False)
+        z, maps, _ = pipe.sample(contexts, steps=steps, eta=1.0, seed=seed + start, influence=influence, progress=False,
+                                 x0_threshold=x0_threshold)
         images.append(pipe.decode(z).clamp(-1, 1))
         if keep_influence and "mask" in maps:
             influence_maps.append(maps["mask"])
@@ -200,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     ap.add_argument("--evaluator-steps", type=int, default=1500)
+    ap.add_argument("--x0-threshold", type=float, default=None,
+                    help="x0 threshold for every row (default: the bundle's demo.json setting; 0 = off)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,6 +211,10 @@ def main(argv=None) -> int:
 
     bundle = args.bundle or DEMO_DIR
     pipe = load_pipeline(bundle)
+    if args.x0_threshold is None and (Path(bundle) / "demo.json").is_file():
+        sampling = json.loads((Path(bundle) / "demo.json").read_text()).get("sampling", {})
+        args.x0_threshold = sampling.get("x0_threshold")
+    threshold = args.x0_threshold or None
     print(f"models: {bundle} ({', '.join(pipe.names)}), {args.n} pairs, {args.steps} DDIM steps", flush=True)
     print("training the evaluators on generator ground truth ...", flush=True)
     seg, att = train_evaluators(steps=args.evaluator_steps)
@@ -227,7 +234,8 @@ def main(argv=None) -> int:
     for name, p, names, infl in rows(pipe):
         t = time.perf_counter()
         keep = name == "trained dynamic diffusers, training softmax"  # the learned maps, before any schedule
-        imgs, maps = generate_row(p, names, infl, captions, labels, args.steps, args.batch, args.seed, keep)
+        imgs, maps = generate_row(p, names, infl, captions, labels, args.steps, args.batch, args.seed, keep,
+                                  x0_threshold=threshold)
         if keep:
             influence_maps = maps
         timings[name] = round(time.perf_counter() - t, 1)
@@ -256,7 +264,8 @@ def main(argv=None) -> int:
     holds = all(e["joint"]["mean"] < results[ref_row]["joint"].mean() for e in untrained)
     significant = all(e["delta_joint_vs_trained"]["ci95"][1] < 0 for e in untrained)
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"n": args.n, "steps": args.steps, "eta": 1.0, "seed": args.seed, "bundle": _display_path(bundle),
+    summary = {"n": args.n, "steps": args.steps, "eta": 1.0, "seed": args.seed, "x0_threshold": threshold,
+               "bundle": _display_path(bundle),
                "rows": table, "best_joint": best["row"], "claim_holds": holds, "claim_significant": significant,
                "reference_row": ref_row, "seconds": timings,
                "total_seconds": round(time.perf_counter() - started, 1)}
@@ -279,7 +288,8 @@ def write_markdown(path: Path, s: dict) -> None:
         "# Method table: collaborative vs. uni-modal and fixed blends (demo bundle)",
         "",
         f"Reproduce: `python bench/method_table.py` ({s['n']} held-out (mask, caption) pairs of the synthetic test split, "
-        f"DDIM {s['steps']} steps, η = {s['eta']}, seeds {s['seed']}+; every row uses the same x_T and noise). "
+        f"DDIM {s['steps']} steps, η = {s['eta']}, x0 threshold {s.get('x0_threshold') or 'off'}, seeds {s['seed']}+; "
+        f"every row uses the same x_T, noise and threshold). "
         f"Models: `{Path(s['bundle']).name}/` (the shipped demo bundle). Means with 95 % bootstrap CIs; "
         f"Δ joint = paired difference to *{s['reference_row']}* (negative: that row is worse).",
         "",

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also save each branch's influence map over the steps as a picture")
     _add_model_options(gen)
     _add_sampling_options(gen)
+    gen.add_argument("--x0-threshold", type=float, default=None, metavar="LIMIT",
+                     help="dynamic thresholding of the predicted latent to ±LIMIT (not in the reference: off by "
+                          "default; the demo models use the value in their demo.json; 0 = off)")
 
     from .editing.command import add_edit_arguments
 
@@ -146,6 +149,8 @@ def cmd_generate(args) -> int:
               file=sys.stderr)
         if args.text is None and args.mask is None:
             text, args.mask = defaults.get("text"), defaults.get("mask")
+        if args.x0_threshold is None:
+            args.x0_threshold = defaults.get("x0_threshold")
         if not args.plain_softmax and args.mask_schedule == "cosine_decay" and args.mask_scale == 2.0:
             # the demo's diffusers do best with the training-time softmax (docs/method_table.md)
             args.plain_softmax = True
@@ -166,13 +171,16 @@ def cmd_generate(args) -> int:
     influence = _influence(args)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     started = time.perf_counter()
+    if args.x0_threshold is not None and args.x0_threshold < 0:
+        raise ConfigError(f"--x0-threshold must be positive (or 0 = off), got {args.x0_threshold}")
     result = pipe.generate(conditions=conditions, batch=args.batch, steps=args.steps, eta=args.eta, seed=seed,
-                           influence=influence, progress=sys.stderr.isatty())
+                           influence=influence, progress=sys.stderr.isatty(), x0_threshold=args.x0_threshold or None)
     paths = result.save(args.out, influence=args.save_influence)
     (args.out / "settings.json").write_text(json.dumps({
         "conditions": {k: str(v) for k, v in conditions.items()}, "branches": pipe.names, "steps": args.steps,
         "eta": args.eta, "seed": seed, "batch": args.batch, "device": str(device), "dtype": str(dtype).split(".")[-1],
         "influence": "plain" if args.plain_softmax else {"mask_schedule": args.mask_schedule, "mask_scale": args.mask_scale},
+        "x0_threshold": args.x0_threshold or None,
     }, indent=2))
     used = ", ".join(f"{k}" for k in conditions)
     print(f"generated {args.batch} picture(s) from {used} with {', '.join(pipe.names)} branch(es), seed {seed}, "

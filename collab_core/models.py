@@ -154,7 +154,8 @@ def demo_bundle_dir() -> Optional[Path]:
 
 
 def demo_defaults() -> dict:
-    """The demo bundle's default caption and mask (``demo.json``), as absolute paths."""
+    """The demo bundle's default caption and mask (``demo.json``, the mask as an absolute path) and the sampling
+    setting its models were evaluated with (``x0_threshold``)."""
     import json
 
     d = demo_bundle_dir()
@@ -164,6 +165,8 @@ def demo_defaults() -> dict:
     out = {"text": info.get("default_text")}
     if info.get("default_mask"):
         out["mask"] = d / info["default_mask"]
+    if info.get("sampling", {}).get("x0_threshold"):
+        out["x0_threshold"] = float(info["sampling"]["x0_threshold"])
     return out
 
 

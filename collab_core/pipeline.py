@@ -18,7 +18,7 @@ from torch import nn
 from .errors import BranchMismatchError, ConditioningError, ConfigError
 from .fusion import FusionResult, InfluenceConfig, fuse, weights_to_logits
 from .images import save_images, save_influence, to_uint8
-from .sampling import initial_latent, sample_ddim, NoiseSampler
+from .sampling import NoiseSampler, initial_latent, sample_ddim, thresholded
 from .schedule import ddim_schedule, make_alphas_cumprod
 
 
@@ -188,8 +188,12 @@ class CollaborativePipeline:
                x_T: Optional[torch.Tensor] = None, noise_sampler: Optional[NoiseSampler] = None,
                influence: Optional[InfluenceConfig] = None, spatial: Optional[Mapping[str, torch.Tensor]] = None,
                latent_size: Optional[int] = None, progress: bool = True,
-               callback: Optional[Callable[[dict], None]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """DDIM from x_T to z_0; returns (z_0, influence maps per branch (S,B,1,h,w), timesteps)."""
+               callback: Optional[Callable[[dict], None]] = None,
+               x0_threshold: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """DDIM from x_T to z_0; returns (z_0, influence maps per branch (S,B,1,h,w), timesteps).
+
+        ``x0_threshold``: dynamic thresholding of the fused prediction's x0 to ±limit (:func:`threshold_x0`);
+        None (the reference) = off."""
         batch = next(iter(contexts.values())).shape[0]
         if any(c.shape[0] != batch for c in contexts.values()):
             raise ConditioningError(f"conditions with different batch sizes {[tuple(c.shape) for c in contexts.values()]}")
@@ -211,6 +215,8 @@ class CollaborativePipeline:
                     recorded.setdefault(name, []).append(w.detach())
             return out.eps
 
+        if x0_threshold:
+            denoiser = thresholded(denoiser, self.alphas_cumprod, x0_threshold)
         z = sample_ddim(denoiser, x_T, schedule, noise_sampler=noise_sampler, generator=generator,
                         callback=callback, progress=progress)
         maps = {name: torch.stack(ws).float().cpu() for name, ws in recorded.items()}

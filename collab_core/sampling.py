@@ -27,6 +27,35 @@ def default_noise_sampler(generator: Optional[torch.Generator]) -> NoiseSampler:
     return draw
 
 
+def threshold_x0(x0: torch.Tensor, limit: float, quantile: float = 0.995) -> torch.Tensor:
+    """Dynamic thresholding of predicted latents (after Imagen's for pixels, generalised to a range ±``limit``).
+
+    Per sample, ``s`` is the ``quantile`` of |x0|; where ``s`` exceeds ``limit`` the sample is clamped to ±s and
+    scaled by limit/s, so that its ``quantile`` lands on ``limit``; samples already inside are left unchanged. Small,
+    briefly trained models can drive x0 far outside the latents they were trained on in the first, low-SNR steps,
+    and DDIM then follows that prediction to a texture; the reference's sampler has no thresholding (it is off by
+    default here too)."""
+    if not limit > 0:
+        raise ValueError(f"threshold limit must be positive, got {limit}")
+    flat = x0.detach().abs().flatten(1).float()
+    s = torch.quantile(flat, quantile, dim=1).clamp(min=limit).view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return torch.maximum(torch.minimum(x0, s), -s) * (limit / s)
+
+
+def thresholded(denoiser: Denoiser, alphas_cumprod: torch.Tensor, limit: float, quantile: float = 0.995) -> Denoiser:
+    """``denoiser`` with its implied x0 = (x − √(1−ᾱ)·ε)/√ᾱ thresholded by :func:`threshold_x0`; returns the ε
+    consistent with the thresholded x0 (as diffusers' DDIM does after clipping)."""
+
+    def eps_of(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = denoiser(x, t)
+        a = alphas_cumprod.to(x.device)[t].to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
+        sa, s1a = a.sqrt().to(eps.dtype), (1 - a).sqrt().to(eps.dtype)
+        x0 = threshold_x0((x - s1a * eps) / sa, limit, quantile)
+        return (x - sa * x0) / s1a
+
+    return eps_of
+
+
 def initial_latent(shape, generator: Optional[torch.Generator] = None, device="cpu",
                    dtype=torch.float32) -> torch.Tensor:
     """x_T: the first draw of the sampler's generator, as in the reference."""

@@ -26,7 +26,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..collab_core.fusion import InfluenceConfig, fuse
-from ..collab_core.sampling import ddim_step
+from ..collab_core.sampling import ddim_step, threshold_x0
 from ..collab_core.errors import CollabError
 from ..collab_core.schedule import ddim_schedule, ddim_timesteps, make_alphas_cumprod
 from . import adapters, host
@@ -62,8 +62,12 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
     """Fuses the noise predictions of several MODELs with per-pixel, per-step influence weights."""
 
     def __init__(self, branches: Sequence[CollabBranch], diffuser: Optional[host.DynamicDiffuser] = None,
-                 cfg: float = 1.0, influence: str = "reference", node: str = "Collaborative Guider"):
+                 cfg: float = 1.0, influence: str = "reference", node: str = "Collaborative Guider",
+                 x0_threshold: float = 0.0):
         self.node = node
+        if x0_threshold < 0:
+            raise CollabNodeError(node, f"x0_threshold must be 0 (off) or positive, got {x0_threshold}")
+        self.x0_threshold = float(x0_threshold)
         branches = list(branches or [])
         if diffuser is not None and not isinstance(diffuser, host.DynamicDiffuser):
             raise CollabNodeError(node, "'dynamic_diffuser' must come from Load Dynamic Diffuser")
@@ -182,13 +186,18 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
             names.append(b.modality)
         if len(active) == 1:
             self._record(active, None, x)
-            return denoised[0]
+            return self._limited(denoised[0])
         eps = [(x - d) / sig_b for d in denoised]
         t = self.inner_model.model_sampling.timestep(sigma).float()
         logits = [self._logit(i, x, sigma, t) for i in active]
         result = fuse(eps, logits, names, t, self.influence)
         self._record(active, result.weights, x)
-        return x - sig_b * result.eps.to(x.dtype)
+        return self._limited(x - sig_b * result.eps.to(x.dtype))
+
+    def _limited(self, denoised: torch.Tensor) -> torch.Tensor:
+        """The fused x0 (the host's ``denoised``, in the model's scaled latent space, as the core's) thresholded
+        like ``collab_core.sampling.threshold_x0``; any sampler then follows the limited prediction."""
+        return threshold_x0(denoised, self.x0_threshold) if self.x0_threshold > 0 else denoised
 
     def _logit(self, i: int, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = self.branches[i]

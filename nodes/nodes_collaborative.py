@@ -87,9 +87,16 @@ class CollabBranchNode:
         return (prev + (branch,),)
 
 
-def _guider(branches, dynamic_diffuser, cfg, influence, node) -> CollaborativeGuider:
+_X0_THRESHOLD = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "advanced": True,
+                           "tooltip": "Dynamic thresholding of the fused prediction to ±this value in the latent "
+                                      "(0 = off, as the reference). Small, briefly trained models (the pack's demo: "
+                                      "3.88) otherwise drift to textures on some seeds."})
+
+
+def _guider(branches, dynamic_diffuser, cfg, influence, node, x0_threshold=0.0) -> CollaborativeGuider:
     try:
-        return CollaborativeGuider(branches, dynamic_diffuser, cfg=cfg, influence=influence, node=node)
+        return CollaborativeGuider(branches, dynamic_diffuser, cfg=cfg, influence=influence, node=node,
+                                   x0_threshold=x0_threshold)
     except CollabError as err:
         raise node_error(node, err) from err
 
@@ -107,15 +114,15 @@ class CollabGuider:
             "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Guidance for branches whose own cfg is 0 (1 = none, as the reference)."}),
             "influence": (list(INFLUENCE_PRESETS), {"default": INFLUENCE_PRESETS[0], "tooltip": _INFLUENCE_TIP}),
-        }, "optional": {"dynamic_diffuser": (DIFFUSER,)}}
+        }, "optional": {"dynamic_diffuser": (DIFFUSER,), "x0_threshold": _X0_THRESHOLD}}
 
     RETURN_TYPES = ("GUIDER",)
     FUNCTION = "get_guider"
     CATEGORY = CATEGORY
     DESCRIPTION = __doc__
 
-    def get_guider(self, branches, cfg=1.0, influence=INFLUENCE_PRESETS[0], dynamic_diffuser=None):
-        return (_guider(branches, dynamic_diffuser, cfg, influence, self.NAME),)
+    def get_guider(self, branches, cfg=1.0, influence=INFLUENCE_PRESETS[0], dynamic_diffuser=None, x0_threshold=0.0):
+        return (_guider(branches, dynamic_diffuser, cfg, influence, self.NAME, x0_threshold),)
 
 
 class CollabKSampler:
@@ -138,7 +145,7 @@ class CollabKSampler:
             "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
                               "tooltip": "Stochasticity of reference_ddim (1 = the reference's default, 0 = deterministic)."}),
             "influence": (list(INFLUENCE_PRESETS), {"default": INFLUENCE_PRESETS[0], "tooltip": _INFLUENCE_TIP}),
-        }, "optional": {"dynamic_diffuser": (DIFFUSER,)}}
+        }, "optional": {"dynamic_diffuser": (DIFFUSER,), "x0_threshold": _X0_THRESHOLD}}
 
     RETURN_TYPES = ("LATENT", "IMAGE", "MASK")
     RETURN_NAMES = ("latent", "influence_image", "influence_mask")
@@ -150,9 +157,9 @@ class CollabKSampler:
     DESCRIPTION = __doc__
 
     def sample(self, branches, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise=1.0, eta=1.0,
-               influence=INFLUENCE_PRESETS[0], dynamic_diffuser=None):
+               influence=INFLUENCE_PRESETS[0], dynamic_diffuser=None, x0_threshold=0.0):
         node = self.NAME
-        guider = _guider(branches, dynamic_diffuser, cfg, influence, node)
+        guider = _guider(branches, dynamic_diffuser, cfg, influence, node, x0_threshold)
         model = guider.model_patcher
         latent = latent_image.copy()
         samples_in = comfy.sample.fix_empty_latent_channels(model, latent["samples"])

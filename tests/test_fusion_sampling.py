@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from collab_core.errors import BranchMismatchError, ConfigError
 from collab_core.fusion import BranchInfluence, InfluenceConfig, fuse, schedule_scale, weights_to_logits
-from collab_core.sampling import ddim_step, initial_latent, recorded_noise_sampler, sample_ddim
+from collab_core.sampling import (ddim_step, initial_latent, recorded_noise_sampler, sample_ddim, threshold_x0,
+                                  thresholded)
 from collab_core.schedule import ddim_schedule, ddim_timesteps, make_alphas_cumprod
 
 
@@ -194,3 +195,33 @@ def test_eta_zero_is_deterministic_and_callback_can_interrupt():
     with pytest.raises(Stop):
         sample_ddim(den, torch.ones(1, 3, 4, 4), sched, callback=cb, progress=False)
     assert calls == [0, 1, 2]
+
+
+def test_threshold_x0_only_touches_samples_beyond_the_limit():
+    g = torch.Generator().manual_seed(0)
+    inside = torch.randn(1, 3, 8, 8, generator=g)  # |x| 99.5 % quantile about 2.7
+    outside = 5 * torch.randn(1, 3, 8, 8, generator=g)
+    out = threshold_x0(torch.cat([inside, outside]), 3.5)
+    assert torch.equal(out[0], inside[0])
+    assert 3.0 < float(torch.quantile(out[1].abs().flatten(), 0.995)) <= 3.5
+    assert out[1].abs().max() == pytest.approx(3.5, rel=1e-5)  # the largest values land on the limit
+    # order and sign are kept: a monotone squash, not a reshuffle
+    assert torch.equal(torch.argsort(out[1].flatten()), torch.argsort(outside.flatten()))
+    with pytest.raises(ValueError, match="positive"):
+        threshold_x0(inside, 0.0)
+
+
+def test_thresholded_denoiser_returns_the_eps_of_the_clipped_x0():
+    ac = make_alphas_cumprod()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    wild = lambda x_, t_: x_ * 0.5 + 3.0  # implies an x0 far outside ±4 at high t
+    t = torch.tensor([981, 981])
+    eps = thresholded(wild, ac, 4.0)(x, t)
+    a = ac[t].double().view(-1, 1, 1, 1)
+    x0 = ((x.double() - (1 - a).sqrt() * eps.double()) / a.sqrt())
+    assert float(x0.abs().max()) == pytest.approx(4.0, rel=1e-3)
+    assert float(wild(x, t).sub(x.mul(0.5).add(3.0)).abs().max()) == 0  # the wrapped denoiser itself untouched
+    tame = lambda x_, t_: torch.zeros_like(x_)  # x0 = x/√ᾱ at t=0 stays small: nothing changes
+    t0 = torch.tensor([0, 0])
+    torch.testing.assert_close(thresholded(tame, ac, 4.0)(x, t0), torch.zeros_like(x), atol=1e-5, rtol=0)

@@ -145,6 +145,14 @@ def build_demo(out: Path = BUNDLE_DIR, work: Path = Path("out/demo_build"), reci
     return export_bundle(work, out, recipe, times)
 
 
+def latent_threshold(latents, quantile: float = 0.995, coverage: float = 0.999) -> float:
+    """The ±limit for dynamic thresholding at sampling time: per training latent the ``quantile`` of |z|, and of
+    those the ``coverage`` quantile, so that thresholding only touches predictions outside the training latents."""
+    z = latents.scale * latents.mean
+    per_sample = torch.quantile(z.abs().flatten(1).float(), quantile, dim=1)
+    return round(float(torch.quantile(per_sample, coverage)), 2)
+
+
 def _end_event(log: Path) -> dict:
     """The last run's end event, with the first validation loss and the training time summed over resumed runs."""
     if not log.is_file():
@@ -190,6 +198,8 @@ def export_bundle(work: Path, out: Path, recipe: DemoRecipe | None = None, times
     sample = face_sample(idx, seed=recipe.seed, split="test", size=recipe.size)
     labels_to_palette_image(sample.labels).save(out / "default_mask.png")
     ends = {k: _end_event(work / f"demo_{k}_run" / "train_log.jsonl") for k in ("vae", "text", "mask", "codiff")}
+    if times is None and (out / "demo.json").is_file():  # --export-only keeps the stage times the build recorded
+        times = json.loads((out / "demo.json").read_text(encoding="utf-8")).get("seconds")
     times = dict(times or {})
     for k, e in ends.items():  # training time of each stage over all (resumed) runs
         times[f"train_{k}"] = e.get("seconds")
@@ -209,6 +219,9 @@ def export_bundle(work: Path, out: Path, recipe: DemoRecipe | None = None, times
             "fusion_eps_mse_on_val": val_losses,
         },
         "scale_factor": scale,
+        # what `generate` uses with the demo; the table (docs/method_table.md) is measured with the same
+        "sampling": {"steps": 50, "eta": 1.0, "influence": "plain softmax",
+                     "x0_threshold": latent_threshold(torch.load(work / "data_cache.pt", weights_only=False)[2])},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {recipe.solo_threads} "
                    f"torch threads for the VAE and diffusers, {recipe.threads} per LDM process",
         "reproduce": "python -m collab_core build-demo",

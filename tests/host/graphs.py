@@ -29,10 +29,13 @@ def empty_latent(size: int = 128, batch: int = 2) -> dict:
 
 
 def collab_ksampler(branches_ref, latent_ref, steps=10, eta=1.0, seed=0, sampler="reference_ddim",
-                    scheduler="ddim_uniform", denoise=1.0, cfg=1.0, influence="reference", diffuser_ref=None) -> dict:
+                    scheduler="ddim_uniform", denoise=1.0, cfg=1.0, influence="reference", diffuser_ref=None,
+                    x0_threshold=None) -> dict:
     inputs = {"branches": branches_ref, "latent_image": latent_ref, "seed": seed, "steps": steps, "cfg": cfg,
               "sampler_name": sampler, "scheduler": scheduler, "denoise": denoise, "eta": eta,
               "influence": influence}
+    if x0_threshold is not None:
+        inputs["x0_threshold"] = x0_threshold
     if diffuser_ref is not None:
         inputs["dynamic_diffuser"] = diffuser_ref
     return {"class_type": "CollabKSampler", "inputs": inputs}

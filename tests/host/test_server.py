@@ -125,6 +125,8 @@ def ui_to_api(wf: dict, object_info: dict) -> dict:
         for name in order.get("required", []) + order.get("optional", []):
             spec = specs[name]
             if _is_widget(spec):
+                if pos >= len(values):  # a widget added after the workflow was saved: the front end's default
+                    break
                 value = values[pos]
                 pos += 1
                 opts = spec[1] if len(spec) > 1 else {}
