@@ -269,6 +269,8 @@ def _ui_to_api(host, wf: dict) -> dict:
         for name, s in list(spec.get("required", {}).items()) + list(spec.get("optional", {}).items()):
             widget = isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
             if widget:
+                if pos >= len(values):  # a widget added after the workflow was saved: the front end's default
+                    break
                 opts = s[1] if len(s) > 1 else {}
                 if name not in linked:
                     inputs[name] = values[pos]
