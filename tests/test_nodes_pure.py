@@ -324,7 +324,8 @@ def test_workflows_are_ui_format_with_consistent_links(path):
         assert dstn["inputs"][dst_slot]["link"] == lid
         assert srcn["outputs"][src_slot]["type"] == typ or typ == "*"
     notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
-    assert notes and any("ckpt" in " ".join(map(str, n.get("widgets_values", []))) for n in notes), \
+    text = " ".join(" ".join(map(str, n.get("widgets_values", []))) for n in notes)
+    assert notes and (".ckpt" in text or ".safetensors" in text), \
         "each workflow carries a note naming the checkpoints it expects"
 
 
