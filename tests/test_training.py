@@ -265,3 +265,22 @@ def test_half_precision_export_keeps_the_noise_schedule_exact(trained, tmp_path)
     assert sd["alphas_cumprod"].dtype == torch.float32 and sd["betas"].dtype == torch.float32
     assert torch.equal(sd["alphas_cumprod"], make_alphas_cumprod().float())
     assert sd["model.text_unet.diffusion_model.out.2.weight"].dtype == torch.float16
+
+
+def test_build_demo_quick_reproduces_a_whole_bundle(tmp_path):
+    """The demo recipe end to end (a few steps of every stage): the bundle it writes loads with no flags and
+    records its recipe, stage times, validation losses and sampling setting."""
+    from collab_core.training.demo import DemoRecipe, build_demo
+
+    info = build_demo(tmp_path / "bundle", tmp_path / "work", DemoRecipe().quick(), progress=False)
+    files = sorted(p.name for p in (tmp_path / "bundle").iterdir())
+    assert {"demo_codiff_mask_text.safetensors", "demo_codiff_mask_text.yaml", "default_mask.png",
+            "demo.json"} <= set(files)
+    assert info["trained_steps"] == {"vae": 10, "text": 10, "mask": 10, "codiff": 10}
+    assert info["seconds"]["total"] > 0 and 0 < info["sampling"]["x0_threshold"] < 10
+    v = info["validation"]
+    assert v["text_ldm_eps_mse"][1] < v["text_ldm_eps_mse"][0] and v["mask_ldm_eps_mse"][1] < v["mask_ldm_eps_mse"][0]
+    pipe = load_pipeline(tmp_path / "bundle")
+    res = pipe.generate(text=info["default_text"], mask=str(tmp_path / "bundle" / "default_mask.png"), steps=4, seed=0,
+                        progress=False, x0_threshold=info["sampling"]["x0_threshold"])
+    assert res.images.shape == (1, 64, 64, 3)
