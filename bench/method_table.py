@@ -324,8 +324,9 @@ def write_markdown(path: Path, s: dict) -> None:
         "VAE reconstruction (upper bound)"
     lines += ["", verdict, "",
               "Reading the table:", "",
-              f"* Each uni-modal model follows its own condition and guesses the other: text-only has the best text "
-              f"score ({get('text only', 'text'):.3f}) and the worst mask score, mask-only the reverse. Every blend "
+              f"* Each uni-modal model follows its own condition and guesses the other: text-only scores "
+              f"{get('text only', 'text'):.3f} on text and {get('text only', 'mask'):.3f} on the mask, mask-only "
+              f"{get('mask only', 'text'):.3f} and {get('mask only', 'mask'):.3f}. Every blend "
               "trades one for the other" + ("; the trained diffusers make the best trade (joint)" if s["claim_holds"]
                                             else "") + ". The learned influence is spatial: in `demo_grid.png` the "
               "mask share is high on the hair outline and face edges and low on skin and shirt, whose colours only "
@@ -340,7 +341,7 @@ def write_markdown(path: Path, s: dict) -> None:
                  f"({get(NO_THRESHOLD_ROW, 'joint'):.3f} without it): without it some seeds drift to textures in the "
                  "first, low-signal steps."] if NO_THRESHOLD_ROW in by else []),
               f"* Absolute scores are far below the VAE upper bound ({get(vae, 'joint'):.3f} joint): the demo models "
-              "are tiny and briefly trained on a shared CPU (see `collab_core/demo/demo.json`); the comparison "
+              "are tiny and were trained in under an hour on two CPU cores (see `collab_core/demo/demo.json`); the comparison "
               "between rows, which share models, x_T and noise, is what the table tests.",
               "",
               "Measures: see the docstring of `bench/method_table.py` (segmenter mIoU over the conditioning mask's "
