@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from collab_core.fusion import InfluenceConfig  # noqa: E402
 from collab_core.masks import NUM_CLASSES, colorize_labels  # noqa: E402
-from collab_core.models import load_pipeline  # noqa: E402
+from collab_core.models import demo_defaults, load_pipeline  # noqa: E402
 from collab_core.pipeline import Branch, CollaborativePipeline  # noqa: E402
 from collab_core.training.synthetic import ATTRIBUTES, SyntheticFaces  # noqa: E402
 
@@ -218,9 +218,8 @@ def main(argv=None) -> int:
 
     bundle = args.bundle or DEMO_DIR
     pipe = load_pipeline(bundle)
-    if args.x0_threshold is None and (Path(bundle) / "demo.json").is_file():
-        sampling = json.loads((Path(bundle) / "demo.json").read_text()).get("sampling", {})
-        args.x0_threshold = sampling.get("x0_threshold")
+    if args.x0_threshold is None:
+        args.x0_threshold = demo_defaults(bundle).get("x0_threshold")
     threshold = args.x0_threshold or None
     print(f"models: {bundle} ({', '.join(pipe.names)}), {args.n} pairs, {args.steps} DDIM steps", flush=True)
     print("training the evaluators on generator ground truth ...", flush=True)

@@ -136,6 +136,8 @@ def cmd_generate(args) -> int:
     if Path(args.out).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
         raise ConfigError(f"--out names a folder (pictures, influence maps and settings.json go into it), not a "
                           f"picture file: use e.g. --out {Path(args.out).with_suffix('')}")
+    if args.x0_threshold is not None and args.x0_threshold < 0:
+        raise ConfigError(f"--x0-threshold must be positive (or 0 = off), got {args.x0_threshold}")
     device, dtype = _device_and_dtype(args)
     pipe = _load_pipeline(args, device, dtype, args.size)
     conditions = {}
@@ -171,16 +173,15 @@ def cmd_generate(args) -> int:
     influence = _influence(args)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     started = time.perf_counter()
-    if args.x0_threshold is not None and args.x0_threshold < 0:
-        raise ConfigError(f"--x0-threshold must be positive (or 0 = off), got {args.x0_threshold}")
+    threshold = args.x0_threshold or None  # 0 = off
     result = pipe.generate(conditions=conditions, batch=args.batch, steps=args.steps, eta=args.eta, seed=seed,
-                           influence=influence, progress=sys.stderr.isatty(), x0_threshold=args.x0_threshold or None)
+                           influence=influence, progress=sys.stderr.isatty(), x0_threshold=threshold)
     paths = result.save(args.out, influence=args.save_influence)
     (args.out / "settings.json").write_text(json.dumps({
         "conditions": {k: str(v) for k, v in conditions.items()}, "branches": pipe.names, "steps": args.steps,
         "eta": args.eta, "seed": seed, "batch": args.batch, "device": str(device), "dtype": str(dtype).split(".")[-1],
         "influence": "plain" if args.plain_softmax else {"mask_schedule": args.mask_schedule, "mask_scale": args.mask_scale},
-        "x0_threshold": args.x0_threshold or None,
+        "x0_threshold": threshold,
     }, indent=2))
     used = ", ".join(f"{k}" for k in conditions)
     print(f"generated {args.batch} picture(s) from {used} with {', '.join(pipe.names)} branch(es), seed {seed}, "

@@ -153,12 +153,12 @@ def demo_bundle_dir() -> Optional[Path]:
     return None
 
 
-def demo_defaults() -> dict:
-    """The demo bundle's default caption and mask (``demo.json``, the mask as an absolute path) and the sampling
-    setting its models were evaluated with (``x0_threshold``)."""
+def demo_defaults(bundle: Optional[Path | str] = None) -> dict:
+    """The default caption and mask of a demo bundle (``demo.json``; the mask as an absolute path) and the sampling
+    setting its models were evaluated with (``x0_threshold``). ``bundle``: its folder (default: the shipped one)."""
     import json
 
-    d = demo_bundle_dir()
+    d = Path(bundle) if bundle is not None else demo_bundle_dir()
     if d is None or not (d / "demo.json").is_file():
         return {}
     info = json.loads((d / "demo.json").read_text(encoding="utf-8"))

@@ -27,7 +27,12 @@ def default_noise_sampler(generator: Optional[torch.Generator]) -> NoiseSampler:
     return draw
 
 
-def threshold_x0(x0: torch.Tensor, limit: float, quantile: float = 0.995) -> torch.Tensor:
+#: Which quantile of |x0| per sample the threshold holds to its limit (Imagen's 99.5 %); demo bundles derive their
+#: limit from the same quantile of their training latents.
+THRESHOLD_QUANTILE = 0.995
+
+
+def threshold_x0(x0: torch.Tensor, limit: float, quantile: float = THRESHOLD_QUANTILE) -> torch.Tensor:
     """Dynamic thresholding of predicted latents (after Imagen's for pixels, generalised to a range ±``limit``).
 
     Per sample, ``s`` is the ``quantile`` of |x0|; where ``s`` exceeds ``limit`` the sample is clamped to ±s and
@@ -42,7 +47,8 @@ def threshold_x0(x0: torch.Tensor, limit: float, quantile: float = 0.995) -> tor
     return torch.maximum(torch.minimum(x0, s), -s) * (limit / s)
 
 
-def thresholded(denoiser: Denoiser, alphas_cumprod: torch.Tensor, limit: float, quantile: float = 0.995) -> Denoiser:
+def thresholded(denoiser: Denoiser, alphas_cumprod: torch.Tensor, limit: float,
+                quantile: float = THRESHOLD_QUANTILE) -> Denoiser:
     """``denoiser`` with its implied x0 = (x − √(1−ᾱ)·ε)/√ᾱ thresholded by :func:`threshold_x0`; returns the ε
     consistent with the thresholded x0 (as diffusers' DDIM does after clipping)."""
 

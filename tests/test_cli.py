@@ -104,6 +104,13 @@ def test_out_must_be_a_folder_not_a_picture(tmp_path, capsys):
     assert not (tmp_path / "face.png").exists()
 
 
+def test_negative_x0_threshold_is_refused(tmp_path, capsys):
+    code = main(["generate", "--out", str(tmp_path / "o"), "--x0-threshold", "-1", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--x0-threshold" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_mode_needs_its_condition(ref_dir, capsys):
     code = main(["generate", "--checkpoints", str(ref_dir / "pretrained"), "--mode", "mask", "--steps", "10"])
     err = capsys.readouterr().err

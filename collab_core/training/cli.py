@@ -71,7 +71,8 @@ def _config(args):
     from .loop import TrainConfig
 
     return TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, weight_decay=args.weight_decay,
-                       warmup=args.warmup, lr_schedule=args.lr_schedule, ema_decay=args.ema, grad_accum=args.grad_accum, seed=args.seed, val_every=args.val_every,
+                       warmup=args.warmup, lr_schedule=args.lr_schedule, ema_decay=args.ema,
+                       grad_accum=args.grad_accum, seed=args.seed, val_every=args.val_every,
                        save_every=args.save_every, mixed_precision=args.mixed_precision,
                        progress=not args.no_progress, resume=not args.no_resume)
 

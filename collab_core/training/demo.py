@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..masks import labels_to_palette_image
+from ..sampling import THRESHOLD_QUANTILE
 from .data import synthetic
 from .loop import TrainConfig
 from .synthetic import caption_for, face_sample
@@ -145,7 +146,7 @@ def build_demo(out: Path = BUNDLE_DIR, work: Path = Path("out/demo_build"), reci
     return export_bundle(work, out, recipe, times)
 
 
-def latent_threshold(latents, quantile: float = 0.995, coverage: float = 0.999) -> float:
+def latent_threshold(latents, quantile: float = THRESHOLD_QUANTILE, coverage: float = 0.999) -> float:
     """The ±limit for dynamic thresholding at sampling time: per training latent the ``quantile`` of |z|, and of
     those the ``coverage`` quantile, so that thresholding only touches predictions outside the training latents."""
     z = latents.scale * latents.mean
