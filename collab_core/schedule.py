@@ -6,6 +6,7 @@ outputs bit for bit means reproducing that order, so the formulas below are deli
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -79,6 +80,14 @@ class DDIMSchedule:
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def tail(self, start: int) -> "DDIMSchedule":
+        """The steps from row ``start`` on (a partial denoise: the last steps of a longer schedule)."""
+        if start == 0:
+            return self
+        return DDIMSchedule(timesteps=self.timesteps[start:], a_t=self.a_t[start:], a_prev=self.a_prev[start:],
+                            sigma=self.sigma[start:], sqrt_one_minus_a_t=self.sqrt_one_minus_a_t[start:],
+                            eta=self.eta)
+
 
 def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float) -> DDIMSchedule:
     """DDIM coefficients for ``steps`` uniform steps and stochasticity ``eta`` (0 = deterministic)."""
@@ -105,3 +114,15 @@ def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float) -> DDIMS
         sqrt_one_minus_a_t=sqrt_one_minus[order],
         eta=float(eta),
     )
+
+
+def q_sample(z0: torch.Tensor, noise: torch.Tensor, alpha_cumprod) -> torch.Tensor:
+    """The forward process at one noise level: √ᾱ·z0 + √(1−ᾱ)·ε.
+
+    ``alpha_cumprod`` is a Python float (one level for the whole batch; its square roots in float64, as the
+    reference's sampler takes them) or a tensor broadcastable to ``z0`` (one level per sample, as in training).
+    """
+    if isinstance(alpha_cumprod, torch.Tensor):
+        return alpha_cumprod.sqrt() * z0 + (1.0 - alpha_cumprod).sqrt() * noise
+    a = float(alpha_cumprod)
+    return math.sqrt(a) * z0 + math.sqrt(1.0 - a) * noise

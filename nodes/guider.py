@@ -6,13 +6,14 @@ each active branch's own MODEL on that branch's conditioning (with that branch's
 computes each branch's influence logits (dynamic diffuser, strength, painted mask) and fuses the noise
 predictions with ``collab_core.fusion.fuse`` on the sampling device.
 
-``ReferenceDDIM`` is a host ``Sampler`` that reproduces the authors' DDIM loop (uniform timesteps, eta,
-ending at t = 0, one noise draw per step continuing the seed's stream) with ``collab_core``'s schedule and
-update, so the pack's output equals the reference's.
+It overrides three methods of the host's guider, as the host's own ``Guider_DualCFG`` does: ``__init__`` (store
+each branch's conds under its own keys), ``inner_sample`` (process the other branches' conds with their own
+models, then delegate to the host's) and ``predict_noise`` (the fusion). The samplers are in ``samplers.py``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -21,14 +22,11 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
-import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 
 from ..collab_core.fusion import InfluenceConfig, fuse
-from ..collab_core.sampling import ddim_step, threshold_x0
-from ..collab_core.errors import CollabError
-from ..collab_core.schedule import ddim_schedule, ddim_timesteps, make_alphas_cumprod
+from ..collab_core.sampling import threshold_x0
 from . import adapters, host
 from .adapters import CollabNodeError
 
@@ -46,6 +44,15 @@ class CollabBranch:
     influence_mask: Optional[torch.Tensor] = None
     start_percent: float = 0.0
     end_percent: float = 1.0
+
+
+def host_keywords(function, kwargs: dict) -> dict:
+    """The keywords of ``kwargs`` that the host's ``function`` takes (all of them if it takes ``**kwargs``): a
+    keyword a newer host passes to our override reaches the host functions that know it, and no older one."""
+    params = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def influence_config(preset: str) -> InfluenceConfig:
@@ -127,16 +134,26 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
 
     # -------------------------------------------------------------------------------- sampling plumbing
 
-    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
-        if latent_image is not None and torch.count_nonzero(latent_image) > 0:
-            latent_image = self.inner_model.process_latent_in(latent_image)
-        processed = {}
-        for i, b in enumerate(self.branches):
-            keys = {k: self.conds[k] for k in (f"positive_{i}", f"negative_{i}") if k in self.conds}
-            model = self.inner_model if i == 0 else b.model.model
-            processed.update(comfy.samplers.process_conds(model, noise, keys, device, latent_image, denoise_mask, seed))
-        self.conds = processed
-        ms = self.inner_model.model_sampling
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
+                     *args, **kwargs):
+        """Before the host's own ``inner_sample`` runs (it processes the first branch's conds with the primary
+        model and drives the sampler), process every other branch's conds with that branch's model through the
+        host's ``process_conds``, forwarding whatever keywords this host passes (``latent_shapes`` since 0.3.75)."""
+        member_keys = {k for i in range(1, len(self.branches)) for k in (f"positive_{i}", f"negative_{i}")}
+        own = {k: v for k, v in self.conds.items() if k not in member_keys}
+        pending = {k: v for k, v in self.conds.items() if k in member_keys}
+        self._member_conds = {}
+        for i, b in enumerate(self.branches[1:], start=1):
+            keys = {k: pending[k] for k in (f"positive_{i}", f"negative_{i}") if k in pending}
+            base = b.model.model
+            latent = latent_image
+            if latent is not None and torch.count_nonzero(latent) > 0:  # as the host does for its own model
+                latent = base.process_latent_in(latent)
+            self._member_conds[i] = comfy.samplers.process_conds(
+                base, noise, keys, device, latent, denoise_mask, seed, **host_keywords(comfy.samplers.process_conds,
+                                                                                      kwargs))
+        self.conds = own
+        ms = self.model_patcher.get_model_object("model_sampling")
         self._sigma_ranges = [(float(ms.percent_to_sigma(b.start_percent)), float(ms.percent_to_sigma(b.end_percent)))
                               for b in self.branches]
         self._member_options = {}
@@ -148,22 +165,21 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
         self._painted = {}
         self.records = []
         members = [b.model for b in self.branches[1:] if not b.model.is_clone(self.model_patcher)]
-        extra_opts = comfy.model_patcher.create_model_options_clone(self.model_options)
-        extra_opts.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
-        extra_args = {"model_options": extra_opts, "seed": seed}
         try:
             for m in members:
                 m.pre_run()
-            executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(
-                sampler.sample, sampler,
-                comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE,
-                                                         extra_args["model_options"], is_model_options=True))
-            samples = executor.execute(self, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
-                                       disable_pbar)
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                        disable_pbar, seed, *args, **kwargs)
         finally:
             for m in members:
                 m.cleanup()
-        return self.inner_model.process_latent_out(samples.to(torch.float32))
+            # the host cleans up the models its conds carry (control nets …) after sampling: hand all of them back
+            for conds in self._member_conds.values():
+                self.conds.update(conds)
+
+    def _branch_conds(self, i: int):
+        conds = self.conds if i == 0 else self._member_conds[i]
+        return conds.get(f"negative_{i}"), conds.get(f"positive_{i}")
 
     # -------------------------------------------------------------------------------- one evaluation
 
@@ -179,8 +195,8 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
         for i in active:
             b = self.branches[i]
             model, opts = (self.inner_model, model_options) if i == 0 else (b.model.model, self._member_options[i])
-            d = comfy.samplers.sampling_function(model, x, sigma, self.conds.get(f"negative_{i}"),
-                                                 self.conds.get(f"positive_{i}"), self.cfgs[i],
+            negative, positive = self._branch_conds(i)
+            d = comfy.samplers.sampling_function(model, x, sigma, negative, positive, self.cfgs[i],
                                                  model_options=opts, seed=seed)
             denoised.append(d)
             names.append(b.modality)
@@ -235,68 +251,3 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
         if not self.records:
             return {}
         return {n: torch.stack([r[n] for r in self.records]) for n in self.last_names}
-
-
-class ReferenceDDIM(comfy.samplers.Sampler):
-    """The authors' DDIM loop as a host SAMPLER (needs the reference's uniform timesteps: scheduler ddim_uniform)."""
-
-    NODE = "Reference DDIM Sampler"
-
-    def __init__(self, eta: float = 1.0):
-        self.eta = float(eta)
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        ms = model_wrap.inner_model.model_sampling
-        if not hasattr(ms, "linear_start") or not hasattr(ms, "sigmas"):
-            raise CollabNodeError(self.NODE, "the model does not use a discrete DDPM schedule; the reference DDIM "
-                                             "sampler only fits Collaborative Diffusion (LDM) models")
-        if sigmas.shape[-1] < 2:
-            return latent_image
-        step_sigmas = sigmas[:-1].to(ms.log_sigmas.device, torch.float32)
-        ts = [int(v) for v in ms.timestep(step_sigmas).round().long().tolist()]
-        snapped = ms.sigmas[torch.tensor(ts, device=ms.sigmas.device)].to(step_sigmas)
-        plan = adapters.reference_plan(ts, int(ms.num_timesteps))
-        if plan is None and len(ts) > 1 and len({a - b for a, b in zip(ts, ts[1:])}) == 1 and ts[-1] == 1:
-            try:  # a uniform grid the reference itself cannot take: let the core say which step counts work
-                ddim_timesteps(len(ts), int(ms.num_timesteps))
-            except CollabError as err:
-                raise CollabNodeError(self.NODE, str(err)) from err
-        if plan is None or not torch.allclose(snapped, step_sigmas, rtol=1e-3):
-            raise CollabNodeError(self.NODE, f"the sigmas are not the reference's uniform DDIM timesteps (got t = "
-                                             f"{ts[:6]}{'…' if len(ts) > 6 else ''}); use the scheduler 'ddim_uniform' "
-                                             "(BasicScheduler or the KSampler's scheduler input)")
-        ac = make_alphas_cumprod(ms.linear_start, ms.linear_end, int(ms.num_timesteps))
-        sched = ddim_schedule(ac, plan.total_steps, self.eta)
-        extra_args = dict(extra_args)
-        extra_args["denoise_mask"] = denoise_mask
-        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
-        model_k.latent_image = latent_image
-        model_k.noise = noise
-        seed = extra_args.get("seed")
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(int(seed) if seed is not None else 0)
-        torch.randn(noise.shape, generator=gen)  # the initial noise x_T was this seed's first draw
-        dev, dt = noise.device, noise.dtype
-        if plan.full:
-            x = noise.clone()  # the reference starts from x_T ~ N(0, I) at its first timestep
-        else:
-            a0 = float(sched.a_t[plan.start])
-            x = math.sqrt(a0) * latent_image + math.sqrt(1.0 - a0) * noise  # q_sample of the input latent
-        total = len(ts)
-        for i, t in enumerate(ts):
-            row = plan.start + i
-            sig = ms.sigmas[t].to(device=dev, dtype=dt)
-            s_in = sig * torch.ones((x.shape[0],), device=dev, dtype=dt)
-            x_ve = x * (sig ** 2 + 1.0) ** 0.5
-            den = model_k(x_ve, s_in, **extra_args)
-            eps = (x_ve - den) / sig
-            step_noise = torch.randn(x.shape, generator=gen).to(device=dev, dtype=dt)
-            x_prev, pred_x0 = ddim_step(x, eps, sched.a_t[row], sched.a_prev[row], sched.sigma[row],
-                                        sched.sqrt_one_minus_a_t[row], step_noise)
-            if callback is not None:
-                callback(i, pred_x0, x, total)  # progress bar, live preview, interrupt check
-            x = x_prev
-        if denoise_mask is not None and latent_image is not None:
-            x = x * denoise_mask + latent_image * (1.0 - denoise_mask)
-        return x

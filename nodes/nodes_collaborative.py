@@ -11,7 +11,8 @@ import latent_preview
 from ..collab_core.errors import CollabError
 from . import adapters, host
 from .adapters import AUTO, CATEGORY, INFLUENCE_PRESETS, CollabNodeError, node_error
-from .guider import CollabBranch, CollaborativeGuider, ReferenceDDIM
+from .guider import CollabBranch, CollaborativeGuider
+from .samplers import reference_ddim
 from .nodes_loaders import DIFFUSER
 
 BRANCHES = "COLLAB_BRANCHES"
@@ -175,7 +176,7 @@ class CollabKSampler:
         sigmas = ks.sigmas
         if sigmas.shape[-1] == 0:
             return (latent, *adapters.influence_outputs({}, []))
-        sampler = ReferenceDDIM(eta) if sampler_name == REFERENCE_SAMPLER else comfy.samplers.sampler_object(sampler_name)
+        sampler = reference_ddim(eta) if sampler_name == REFERENCE_SAMPLER else comfy.samplers.sampler_object(sampler_name)
         callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
         try:
             out = guider.sample(noise, samples_in, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
@@ -232,7 +233,7 @@ class CollabReferenceSampler:
     DESCRIPTION = __doc__
 
     def get_sampler(self, eta):
-        return (ReferenceDDIM(eta),)
+        return (reference_ddim(eta),)
 
 
 NODE_CLASS_MAPPINGS = {

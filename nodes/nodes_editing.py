@@ -24,6 +24,7 @@ from ..collab_core.errors import CollabError
 from ..collab_core.schedule import ddim_schedule, make_alphas_cumprod
 from . import adapters, host
 from .adapters import CATEGORY, CollabNodeError, node_error
+from .samplers import ddpm_job, uniform_sigmas
 
 INVERSION = "COLLAB_INVERSION"
 EDIT_CATEGORY = CATEGORY + "/editing"
@@ -193,36 +194,6 @@ class InversionResult:
     steps: int
 
 
-class _DDPMSampler(comfy.samplers.Sampler):
-    """A host SAMPLER that hands the core a denoiser ``eps(x, t)`` in DDPM form (x at level ᾱ_t, integer t)."""
-
-    def __init__(self, job):
-        self.job = job
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        ms = model_wrap.inner_model.model_sampling
-        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
-        model_k.latent_image = latent_image
-        model_k.noise = noise
-        args = dict(extra_args)
-        args["denoise_mask"] = None
-
-        def denoiser(x, t):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            sig = ms.sigmas[int(t.reshape(-1)[0])].to(device=x.device, dtype=x.dtype)
-            x_ve = x * (sig ** 2 + 1.0) ** 0.5
-            den = model_k(x_ve, sig * torch.ones((x.shape[0],), device=x.device, dtype=x.dtype), **args)
-            return (x_ve - den) / sig
-
-        return self.job(denoiser, latent_image)
-
-
-def _sigmas(guider, steps: int) -> torch.Tensor:
-    return comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "ddim_uniform",
-                                           steps)
-
-
 class CollabDDIMInversion:
     """Invert the photo with deterministic DDIM under a GUIDER holding the SOURCE conditions (Collaborative
     Guider: the photo's mask and a caption of it; dynamic diffuser included). Resample From Inversion with the
@@ -273,7 +244,7 @@ class CollabDDIMInversion:
             return inv.x_T
 
         samples = latent["samples"].float()
-        x_T = guider.sample(torch.zeros_like(samples), samples, _DDPMSampler(job), _sigmas(guider, int(steps)),
+        x_T = guider.sample(torch.zeros_like(samples), samples, ddpm_job(job, node), uniform_sigmas(guider.model_patcher, int(steps)),
                             disable_pbar=True, seed=0)
         result = InversionResult(inversion=holder["inv"], latent=samples.cpu(), steps=int(steps))
         return (result, {"samples": x_T.cpu()})
@@ -334,7 +305,7 @@ class CollabResampleInversion:
                                            callback=lambda info: bar.update(1))
 
         samples = inversion.latent
-        out = guider.sample(torch.zeros_like(samples), samples, _DDPMSampler(job), _sigmas(guider, inversion.steps),
+        out = guider.sample(torch.zeros_like(samples), samples, ddpm_job(job, node), uniform_sigmas(guider.model_patcher, inversion.steps),
                             disable_pbar=True, seed=0)
         return ({"samples": out.cpu()},)
 

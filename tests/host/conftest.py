@@ -20,7 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hostutil import COMFY, REPO, SKIP_REASON, NullServer, reference_dir, write_mask_png  # noqa: F401
+from hostutil import (COMFY, REPO, SKIP_REASON, NullServer, cached_output, make_executor, reference_dir,  # noqa: F401
+                      write_mask_png)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -89,10 +90,10 @@ def host(fixture_dir):
         if not valid[0]:
             return SimpleNamespace(valid=False, error=valid[1], node_errors=valid[3], success=False, outputs={},
                                    messages=[], executor=None)
-        ex = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+        ex = make_executor(execution, server)
         with torch.inference_mode():
             ex.execute(prompt, pid, {}, valid[2])
-        outs = {k: ex.caches.outputs.get(k) for k in prompt}
+        outs = {k: cached_output(ex, k) for k in prompt}
         return SimpleNamespace(valid=True, error=None, node_errors={}, success=ex.success, outputs=outs,
                                messages=ex.status_messages, executor=ex, server=server)
 

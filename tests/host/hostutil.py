@@ -36,6 +36,37 @@ class NullServer:
         self.messages.append((event, data))
 
 
+def make_executor(execution, server):
+    """A PromptExecutor built the way the running host's ``main.py`` builds one with ``--cache-classic``.
+
+    Its constructor changed over the versions (``cache_size`` up to 0.3.64, then a ``cache_args`` dict read by
+    ``execute_async``: ``lru`` and ``ram``, and ``ram_inactive`` since 0.29), so the arguments follow the
+    constructor's own parameters, never a version number."""
+    import inspect
+
+    params = inspect.signature(execution.PromptExecutor).parameters
+    kwargs = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in params:
+        kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
+    elif "cache_size" in params:
+        kwargs["cache_size"] = None
+    return execution.PromptExecutor(server, **kwargs)
+
+
+def cached_output(executor, node_id: str):
+    """A node's outputs from the executor's cache: ``get_local`` where the cache's ``get`` became a coroutine
+    (0.29), else the synchronous ``get``; unwrapped from the cache's entry type where it has one."""
+    import asyncio
+
+    cache = executor.caches.outputs
+    getter = getattr(cache, "get_local", None) or cache.get
+    value = getter(node_id)
+    if asyncio.iscoroutine(value):
+        value = asyncio.run(value)
+    # since 0.3.75 the cache holds a CacheEntry(ui, outputs) instead of the bare outputs
+    return getattr(value, "outputs", value)
+
+
 def write_mask_png(path: Path, labels) -> Path:
     """An indexed PNG in the CelebAMask-HQ palette (the reference's mask format) from a label array."""
     import numpy as np
