@@ -1,7 +1,8 @@
 """ComfyUI adapters: host types in, ``collab_core`` calls, host types out.
 
 One module per feature (``nodes_loaders``, ``nodes_conditioning``, ``nodes_collaborative``, ``nodes_freeu``,
-``nodes_editing``); ``adapters`` holds the host-free pure functions they share. The node modules import ComfyUI,
+``nodes_editing``), each listing its V3 node classes in ``NODES``; ``schema`` is the one module that imports the
+host's node API, ``adapters`` holds the host-free pure functions they share. The node modules import ComfyUI,
 so they are only imported when ComfyUI is present; ``adapters`` imports anywhere.
 """
 
@@ -9,29 +10,37 @@ import importlib
 import importlib.util
 import logging
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
-
 #: Feature modules, in menu order. The first four are the pack's core; a later one that fails to import is
 #: logged with its traceback and skipped, so the others still register.
 FEATURES = ("nodes_loaders", "nodes_conditioning", "nodes_collaborative", "nodes_freeu", "nodes_editing")
 _CORE = 4
 
-if importlib.util.find_spec("comfy") is not None and importlib.util.find_spec("folder_paths") is not None:
-    from . import host as _host
 
-    _host.register_folders()
+def node_classes() -> list:
+    """Every node class of the pack (V3 ``io.ComfyNode`` subclasses), registering the model folders first."""
+    from . import host
 
-    for _i, _name in enumerate(FEATURES):
-        if _i >= _CORE and importlib.util.find_spec(f"{__name__}.{_name}") is None:
-            continue
+    host.register_folders()
+    found = []
+    for i, name in enumerate(FEATURES):
         try:
-            _mod = importlib.import_module(f".{_name}", __name__)
+            module = importlib.import_module(f".{name}", __name__)
         except Exception:
-            if _i < _CORE:
+            if i < _CORE:
                 raise
             logging.getLogger("collaborative_diffusion").exception("collaborative_diffusion: %s failed to import; "
-                                                                   "its nodes are unavailable", _name)
+                                                                   "its nodes are unavailable", name)
             continue
-        NODE_CLASS_MAPPINGS.update(_mod.NODE_CLASS_MAPPINGS)
-        NODE_DISPLAY_NAME_MAPPINGS.update(_mod.NODE_DISPLAY_NAME_MAPPINGS)
+        found.extend(module.NODES)
+    return found
+
+
+def host_present() -> bool:
+    return importlib.util.find_spec("comfy") is not None and importlib.util.find_spec("folder_paths") is not None
+
+
+async def comfy_entrypoint():
+    """The host's V3 entry point: the pack as one ``ComfyExtension``."""
+    from .schema import CollabExtension
+
+    return CollabExtension(node_classes())

@@ -155,9 +155,9 @@ class CollabModelConfig(comfy.supported_models_base.BASE):
     supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     memory_usage_factor = 2.0
 
-    def __init__(self, unet_config: dict, scale_factor: float, schedule: dict):
+    def __init__(self, unet_config: dict, scale_factor: float = 0.141, schedule: Optional[dict] = None):
         super().__init__(unet_config)
-        self.sampling_settings = dict(self.sampling_settings, **schedule)
+        self.sampling_settings = dict(self.sampling_settings, **(schedule or {}))
         self.latent_format = CollabLatentFormat(scale_factor, unet_config.get("in_channels", 3))
 
     def inpaint_model(self):  # 3 latent channels: never an inpainting model
@@ -254,7 +254,14 @@ def build_model(unet_sd: dict, *, modality: str, source: str, heads: int, heads_
         context_dim=int(unet_config.get("context_dim") or 0), latent_channels=int(unet_config["in_channels"]),
         model_channels=int(unet_config["model_channels"]), channel_mult=tuple(unet_config["channel_mult"]),
         scale_factor=float(scale_factor), role=role)
-    return comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload)
+    return host_patcher_class()(base, load_device=load_device, offload_device=offload)
+
+
+def host_patcher_class():
+    """The patcher class the host builds its own models with: ``CoreModelPatcher`` where it exists (``main.py``
+    points it at ``ModelPatcherDynamic`` when dynamic VRAM is on, since 0.29), else ``ModelPatcher``. Looked up
+    at each load, because the host may switch it after the pack was imported."""
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
 # ------------------------------------------------------------------------------------------------- VAE

@@ -8,55 +8,55 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..collab_core.errors import CollabError
 from . import adapters, host
-from .adapters import AUTO, CATEGORY, INFLUENCE_PRESETS, CollabNodeError, node_error
+from .adapters import AUTO, INFLUENCE_PRESETS, CollabNodeError
 from .guider import CollabBranch, CollaborativeGuider
 from .samplers import reference_ddim
-from .nodes_loaders import DIFFUSER
+from .schema import SEED_MAX, Branches, CollabNode, Diffuser, advanced, io
 
-BRANCHES = "COLLAB_BRANCHES"
 REFERENCE_SAMPLER = "reference_ddim"
 
 _INFLUENCE_TIP = ("reference: the authors' sampler (mask weight × cosine decay over time, ×2 boost; text takes the "
                   "rest). plain softmax: the learned maps as trained.")
 
 
-class CollabBranchNode:
+class CollabBranchNode(CollabNode):
     """One uni-modal model in a collaboration: its MODEL and conditioning, plus how much and where it may
     influence the image. Chain branches through 'branches' (any number)."""
 
+    NODE_ID = "CollabBranch"
     NAME = "Collaborative Branch"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A uni-modal model (Load Collaborative Model), patched as you like (FreeU …)."}),
-            "positive": ("CONDITIONING", {"tooltip": "This model's condition (Collaborative Text/Mask Encode)."}),
-            "modality": ("STRING", {"default": AUTO, "tooltip": "Branch name, matched with the dynamic diffuser's "
-                                    "modalities ('text', 'mask'). 'auto' = the model's own modality."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05,
-                                   "tooltip": "Multiplies this branch's influence before normalisation (1 = as learned)."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-        }, "optional": {
-            "branches": (BRANCHES, {"tooltip": "Previous branches to append to."}),
-            "negative": ("CONDITIONING", {"tooltip": "Only for cfg ≠ 1 (the reference uses no guidance)."}),
-            "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Guidance for this branch; 0 = the sampler's cfg."}),
-            "influence_mask": ("MASK", {"tooltip": "Painted influence: multiplies this branch's influence per pixel "
-                                                   "(white = keep, black = none)."}),
-        }}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[
+                io.Model.Input("model", tooltip="A uni-modal model (Load Collaborative Model), patched as you like "
+                                                "(FreeU …)."),
+                io.Conditioning.Input("positive", tooltip="This model's condition (Collaborative Text/Mask Encode)."),
+                io.String.Input("modality", default=AUTO, tooltip="Branch name, matched with the dynamic diffuser's "
+                                "modalities ('text', 'mask'). 'auto' = the model's own modality."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="Multiplies this branch's influence before normalisation (1 = as learned)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Where in the sampling this branch starts to take part (0 = the first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Where in the sampling this branch stops taking part (1 = the last step)."),
+                Branches.Input("branches", optional=True, tooltip="Previous branches to append to."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Only for cfg ≠ 1 (the reference uses no guidance)."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01, optional=True,
+                               tooltip="Guidance for this branch; 0 = the sampler's cfg."),
+                io.Mask.Input("influence_mask", optional=True, tooltip="Painted influence: multiplies this branch's "
+                              "influence per pixel (white = keep, black = none)."),
+            ],
+            outputs=[Branches.Output(display_name="branches",
+                                     tooltip="The chain so far: wire into the next branch or a sampler.")])
 
-    RETURN_TYPES = (BRANCHES,)
-    RETURN_NAMES = ("branches",)
-    FUNCTION = "add"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
-
-    def add(self, model, positive, modality=AUTO, strength=1.0, start_percent=0.0, end_percent=1.0, branches=None,
+    @classmethod
+    def run(cls, model, positive, modality=AUTO, strength=1.0, start_percent=0.0, end_percent=1.0, branches=None,
             negative=None, cfg=0.0, influence_mask=None):
-        node = self.NAME
+        node = cls.NAME
         name = (modality or "").strip()
         info = host.model_info(model)
         if name in ("", AUTO):
@@ -64,14 +64,11 @@ class CollabBranchNode:
                 raise CollabNodeError(node, "this MODEL was not loaded by Load Collaborative Model, so its modality is "
                                             "unknown; type the branch name into 'modality' (e.g. text or mask)")
             name = info.modality
-        try:
-            ctx = adapters.conditioning_context(positive, "positive")
-            adapters.check_context_dim(ctx, info.context_dim if info else None, name)
-            if negative is not None:
-                adapters.check_context_dim(adapters.conditioning_context(negative, "negative"),
-                                           info.context_dim if info else None, name)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        ctx = adapters.conditioning_context(positive, "positive")
+        adapters.check_context_dim(ctx, info.context_dim if info else None, name)
+        if negative is not None:
+            adapters.check_context_dim(adapters.conditioning_context(negative, "negative"),
+                                       info.context_dim if info else None, name)
         if not (start_percent < end_percent):
             raise CollabNodeError(node, f"start_percent {start_percent} must be below end_percent {end_percent}")
         if influence_mask is not None and float(influence_mask.min()) < 0:
@@ -88,78 +85,92 @@ class CollabBranchNode:
         return (prev + (branch,),)
 
 
-_X0_THRESHOLD = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "advanced": True,
-                           "tooltip": "Dynamic thresholding of the fused prediction to ±this value in the latent "
-                                      "(0 = off, as the reference). Small, briefly trained models (the pack's demo: "
-                                      "3.88) otherwise drift to textures on some seeds."})
+def _x0_threshold():
+    return advanced(io.Float.Input(
+        "x0_threshold", default=0.0, min=0.0, max=100.0, step=0.01, optional=True,
+        tooltip="Dynamic thresholding of the fused prediction to ±this value in the latent (0 = off, as the "
+                "reference). Small, briefly trained models (the pack's demo: 3.88) otherwise drift to textures on "
+                "some seeds."))
+
+
+def _influence():
+    return io.Combo.Input("influence", options=list(INFLUENCE_PRESETS), default=INFLUENCE_PRESETS[0],
+                          tooltip=_INFLUENCE_TIP)
+
+
+def _diffuser():
+    return Diffuser.Input("dynamic_diffuser", optional=True,
+                          tooltip="Learned influence maps (Load Dynamic Diffuser); without it, strengths, painted "
+                                  "masks and start/end percents decide.")
 
 
 def _guider(branches, dynamic_diffuser, cfg, influence, node, x0_threshold=0.0) -> CollaborativeGuider:
-    try:
-        return CollaborativeGuider(branches, dynamic_diffuser, cfg=cfg, influence=influence, node=node,
-                                   x0_threshold=x0_threshold)
-    except CollabError as err:
-        raise node_error(node, err) from err
+    return CollaborativeGuider(branches, dynamic_diffuser, cfg=cfg, influence=influence, node=node,
+                               x0_threshold=x0_threshold)
 
 
-class CollabGuider:
+class CollabGuider(CollabNode):
     """A GUIDER for SamplerCustomAdvanced that fuses the branches' predictions: learned influence maps when a
     dynamic diffuser is wired in, otherwise strengths, painted masks and start/end percents."""
 
+    NODE_ID = "CollabGuider"
     NAME = "Collaborative Guider"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "branches": (BRANCHES,),
-            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Guidance for branches whose own cfg is 0 (1 = none, as the reference)."}),
-            "influence": (list(INFLUENCE_PRESETS), {"default": INFLUENCE_PRESETS[0], "tooltip": _INFLUENCE_TIP}),
-        }, "optional": {"dynamic_diffuser": (DIFFUSER,), "x0_threshold": _X0_THRESHOLD}}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[Branches.Input("branches", tooltip="The chain of Collaborative Branch nodes."),
+                    io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                                   tooltip="Guidance for branches whose own cfg is 0 (1 = none, as the reference)."),
+                    _influence(), _diffuser(), _x0_threshold()],
+            outputs=[io.Guider.Output(tooltip="For SamplerCustomAdvanced (any sampler and scheduler).")])
 
-    RETURN_TYPES = ("GUIDER",)
-    FUNCTION = "get_guider"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
-
-    def get_guider(self, branches, cfg=1.0, influence=INFLUENCE_PRESETS[0], dynamic_diffuser=None, x0_threshold=0.0):
-        return (_guider(branches, dynamic_diffuser, cfg, influence, self.NAME, x0_threshold),)
+    @classmethod
+    def run(cls, branches, cfg=1.0, influence=INFLUENCE_PRESETS[0], dynamic_diffuser=None, x0_threshold=0.0):
+        return (_guider(branches, dynamic_diffuser, cfg, influence, cls.NAME, x0_threshold),)
 
 
-class CollabKSampler:
+class CollabKSampler(CollabNode):
     """Collaborative sampling in one node, like KSampler: seed, steps, cfg, sampler, scheduler, denoise. Also
     returns the influence maps. 'reference_ddim' + 'ddim_uniform' reproduce the authors' sampler."""
 
+    NODE_ID = "CollabKSampler"
     NAME = "Collaborative KSampler"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "branches": (BRANCHES,),
-            "latent_image": ("LATENT",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-            "sampler_name": ([REFERENCE_SAMPLER] + list(comfy.samplers.KSampler.SAMPLERS), {"default": REFERENCE_SAMPLER}),
-            "scheduler": (list(comfy.samplers.KSampler.SCHEDULERS), {"default": "ddim_uniform"}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                              "tooltip": "Stochasticity of reference_ddim (1 = the reference's default, 0 = deterministic)."}),
-            "influence": (list(INFLUENCE_PRESETS), {"default": INFLUENCE_PRESETS[0], "tooltip": _INFLUENCE_TIP}),
-        }, "optional": {"dynamic_diffuser": (DIFFUSER,), "x0_threshold": _X0_THRESHOLD}}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[
+                Branches.Input("branches", tooltip="The chain of Collaborative Branch nodes."),
+                io.Latent.Input("latent_image", tooltip="Empty Latent Image, or VAE Encode of a picture (denoise < 1)."),
+                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                             tooltip="Seeds the initial noise and, for reference_ddim, every step's noise."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="Sampling steps (the reference uses 50 with ddim_uniform)."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance for branches whose own cfg is 0 (1 = none, as the reference)."),
+                io.Combo.Input("sampler_name", options=[REFERENCE_SAMPLER] + list(comfy.samplers.KSampler.SAMPLERS),
+                               default=REFERENCE_SAMPLER,
+                               tooltip="reference_ddim = the authors' DDIM; any host sampler works too."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="ddim_uniform",
+                               tooltip="ddim_uniform = the reference's timesteps (needed by reference_ddim)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1 = from pure noise; lower keeps more of the input latent."),
+                io.Float.Input("eta", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Stochasticity of reference_ddim (1 = the reference's default, 0 = "
+                                       "deterministic)."),
+                _influence(), _diffuser(), _x0_threshold(),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The sampled latent."),
+                     io.Image.Output(display_name="influence_image", tooltip="Per sample and branch: the influence "
+                                     "maps of all steps in a grid (white = full influence)."),
+                     io.Mask.Output(display_name="influence_mask",
+                                    tooltip="The raw maps, ordered sample, branch, step.")])
 
-    RETURN_TYPES = ("LATENT", "IMAGE", "MASK")
-    RETURN_NAMES = ("latent", "influence_image", "influence_mask")
-    OUTPUT_TOOLTIPS = ("The sampled latent.",
-                       "Per sample and branch: the influence maps of all steps in a grid (white = full influence).",
-                       "The raw maps, ordered sample, branch, step.")
-    FUNCTION = "sample"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
-
-    def sample(self, branches, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise=1.0, eta=1.0,
-               influence=INFLUENCE_PRESETS[0], dynamic_diffuser=None, x0_threshold=0.0):
-        node = self.NAME
+    @classmethod
+    def run(cls, branches, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise=1.0, eta=1.0,
+            influence=INFLUENCE_PRESETS[0], dynamic_diffuser=None, x0_threshold=0.0):
+        node = cls.NAME
         guider = _guider(branches, dynamic_diffuser, cfg, influence, node, x0_threshold)
         model = guider.model_patcher
         latent = latent_image.copy()
@@ -178,35 +189,33 @@ class CollabKSampler:
             return (latent, *adapters.influence_outputs({}, []))
         sampler = reference_ddim(eta) if sampler_name == REFERENCE_SAMPLER else comfy.samplers.sampler_object(sampler_name)
         callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-        try:
-            out = guider.sample(noise, samples_in, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
-                                callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        out = guider.sample(noise, samples_in, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
+                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         latent["samples"] = out.to(comfy.model_management.intermediate_device())
         image, maps = adapters.influence_outputs(guider.influence_maps(), guider.last_names)
         return (latent, image, maps)
 
 
-class CollabInfluenceMaps:
+class CollabInfluenceMaps(CollabNode):
     """The influence maps a Collaborative Guider applied in its last run (wire the sampler's output latent to
     run this after it)."""
 
+    NODE_ID = "CollabInfluenceMaps"
     NAME = "Collaborative Influence Maps"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"guider": ("GUIDER",), "latent": ("LATENT", {"tooltip": "The sampler's output: makes this "
-                                                                                     "node run after sampling."})}}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[io.Guider.Input("guider", tooltip="The Collaborative Guider that sampled."),
+                    io.Latent.Input("latent", tooltip="The sampler's output: makes this node run after sampling.")],
+            outputs=[io.Image.Output(display_name="influence_image", tooltip="Per sample and branch: the influence "
+                                     "maps of all steps in a grid (white = full influence)."),
+                     io.Mask.Output(display_name="influence_mask",
+                                    tooltip="The raw maps, ordered sample, branch, step.")])
 
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("influence_image", "influence_mask")
-    FUNCTION = "maps"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
-
-    def maps(self, guider, latent):
-        node = self.NAME
+    @classmethod
+    def run(cls, guider, latent):
+        node = cls.NAME
         if not isinstance(guider, CollaborativeGuider):
             raise CollabNodeError(node, "'guider' must be a Collaborative Guider")
         maps = guider.influence_maps()
@@ -216,31 +225,23 @@ class CollabInfluenceMaps:
         return adapters.influence_outputs(maps, guider.last_names)
 
 
-class CollabReferenceSampler:
+class CollabReferenceSampler(CollabNode):
     """The authors' DDIM sampler as a SAMPLER (use it with the scheduler 'ddim_uniform'): uniform timesteps, eta,
     ending at t = 0, one noise draw per step continuing the seed's stream, so outputs equal the reference's."""
 
+    NODE_ID = "CollabReferenceSampler"
     NAME = "Reference DDIM Sampler"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
-                                               "tooltip": "1 = the reference's default; 0 = deterministic DDIM."})}}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[io.Float.Input("eta", default=1.0, min=0.0, max=10.0, step=0.01,
+                                   tooltip="1 = the reference's default; 0 = deterministic DDIM.")],
+            outputs=[io.Sampler.Output(tooltip="For SamplerCustomAdvanced / SamplerCustom.")])
 
-    RETURN_TYPES = ("SAMPLER",)
-    FUNCTION = "get_sampler"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
-
-    def get_sampler(self, eta):
+    @classmethod
+    def run(cls, eta):
         return (reference_ddim(eta),)
 
 
-NODE_CLASS_MAPPINGS = {
-    "CollabBranch": CollabBranchNode,
-    "CollabGuider": CollabGuider,
-    "CollabKSampler": CollabKSampler,
-    "CollabInfluenceMaps": CollabInfluenceMaps,
-    "CollabReferenceSampler": CollabReferenceSampler,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {k: v.NAME for k, v in NODE_CLASS_MAPPINGS.items()}
+NODES = [CollabBranchNode, CollabGuider, CollabKSampler, CollabInfluenceMaps, CollabReferenceSampler]

@@ -10,11 +10,13 @@ import torch
 
 import folder_paths
 
-from ..collab_core.errors import CollabError
 from ..collab_core.masks import CLASS_NAMES, load_mask
 from . import adapters, host
-from .adapters import CATEGORY, CollabNodeError, node_error
-from .nodes_loaders import ENCODER
+from .adapters import CollabNodeError
+from .schema import CollabNode, Encoder, io
+
+_TOLERANCE_TIP = ("For colour pictures: snap colours within this RGB distance to the nearest class colour (JPEG, "
+                  "antialiasing). 0 = exact colours only.")
 
 
 def _check_kind(encoder, kind: str, node: str, other: str) -> None:
@@ -25,71 +27,56 @@ def _check_kind(encoder, kind: str, node: str, other: str) -> None:
                                     f"({encoder.source}); wire the {kind} model's encoder here, or use {other}")
 
 
-class CollabTextEncode:
+class CollabTextEncode(CollabNode):
     """Encode a prompt with the text model's own encoder (the reference's BERT-tokenised transformer)."""
 
+    NODE_ID = "CollabTextEncode"
     NAME = "Collaborative Text Encode"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "encoder": (ENCODER, {"tooltip": "The 'encoder' output of Load Collaborative Model (text model)."}),
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                "default": "This man has beard of medium length. He is in his thirties.",
-                                "tooltip": "The models were trained on CelebA-Dialog captions about age and beard."}),
-        }}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[Encoder.Input("encoder", tooltip="The 'encoder' output of Load Collaborative Model (text model)."),
+                    io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                    default="This man has beard of medium length. He is in his thirties.",
+                                    tooltip="The models were trained on CelebA-Dialog captions about age and beard.")],
+            outputs=[io.Conditioning.Output(tooltip="The prompt's tokens, for Collaborative Branch (or any sampler).")])
 
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
-
-    def encode(self, encoder, text):
-        node = self.NAME
+    @classmethod
+    def run(cls, encoder, text):
+        node = cls.NAME
         _check_kind(encoder, "text", node, "Collaborative Mask Encode")
         if not text or not text.strip():
             raise CollabNodeError(node, "the text is empty; write a prompt (the models never saw an empty caption)")
-        try:
-            with torch.inference_mode():
-                ctx = encoder.module.encode(text)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        with torch.inference_mode():
+            ctx = encoder.module.encode(text)
         return (adapters.make_conditioning(ctx.float().cpu()),)
 
 
-class CollabMaskEncode:
+class CollabMaskEncode(CollabNode):
     """Encode a face-parsing mask with the mask model's encoder: a colour picture in the CelebAMask-HQ colours
     (IMAGE) or a label map (MASK from Load Face Mask)."""
 
+    NODE_ID = "CollabMaskEncode"
     NAME = "Collaborative Mask Encode"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "encoder": (ENCODER, {"tooltip": "The 'encoder' output of Load Collaborative Model (mask model)."}),
-            "tolerance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 25.0, "step": 0.5,
-                                    "tooltip": "For colour pictures: snap colours within this RGB distance to the "
-                                               "nearest class colour (JPEG, antialiasing). 0 = exact colours only."}),
-        }, "optional": {
-            "image": ("IMAGE", {"tooltip": "A mask painted in the CelebAMask-HQ colours."}),
-            "label_mask": ("MASK", {"tooltip": "Class labels 0..18 (from Load Face Mask, or LoadImageMask of a grey "
-                                               "label PNG)."}),
-        }}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[Encoder.Input("encoder", tooltip="The 'encoder' output of Load Collaborative Model (mask model)."),
+                    io.Float.Input("tolerance", default=0.0, min=0.0, max=25.0, step=0.5, tooltip=_TOLERANCE_TIP),
+                    io.Image.Input("image", optional=True, tooltip="A mask painted in the CelebAMask-HQ colours."),
+                    io.Mask.Input("label_mask", optional=True, tooltip="Class labels 0..18 (from Load Face Mask, or "
+                                                                       "LoadImageMask of a grey label PNG).")],
+            outputs=[io.Conditioning.Output(tooltip="The mask's tokens, for Collaborative Branch (or any sampler).")])
 
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
-
-    def encode(self, encoder, tolerance=0.0, image=None, label_mask=None):
-        node = self.NAME
+    @classmethod
+    def run(cls, encoder, tolerance=0.0, image=None, label_mask=None):
+        node = cls.NAME
         _check_kind(encoder, "mask", node, "Collaborative Text Encode")
-        try:
-            labels = adapters.labels_from_host(image=image, mask=label_mask, tolerance=tolerance or None)
-            with torch.inference_mode():
-                ctx = torch.cat([encoder.module.encode(lab) for lab in labels])
-        except CollabError as err:
-            raise node_error(node, err) from err
+        labels = adapters.labels_from_host(image=image, mask=label_mask, tolerance=tolerance or None)
+        with torch.inference_mode():
+            ctx = torch.cat([encoder.module.encode(lab) for lab in labels])
         return (adapters.make_conditioning(ctx.float().cpu()),)
 
 
@@ -109,38 +96,36 @@ def _mask_path(image: str) -> Optional[str]:
     return None
 
 
-class CollabLoadFaceMask:
+class CollabLoadFaceMask(CollabNode):
     """Load a face-parsing mask file keeping its class labels: an indexed PNG (the reference's format, palette
     indices = classes), a grey label PNG, or a picture in the CelebAMask-HQ colours. The stock Load Image
     converts palettes to colours and loses the indices."""
 
+    NODE_ID = "CollabLoadFaceMask"
     NAME = "Load Face Mask"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"image": (_input_images(), {"image_upload": True})}}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[io.Combo.Input("image", options=_input_images(), upload=io.UploadType.image,
+                                   tooltip="A mask in the input folder (upload one with the button), or one that "
+                                           "ships with the pack ([pack] …).")],
+            outputs=[io.Mask.Output(display_name="label_mask",
+                                    tooltip="Class labels as label/255 (the LoadImageMask convention)."),
+                     io.Image.Output(display_name="preview", tooltip="The mask in the class colours.")])
 
-    RETURN_TYPES = ("MASK", "IMAGE")
-    RETURN_NAMES = ("label_mask", "preview")
-    OUTPUT_TOOLTIPS = ("Class labels as label/255 (the LoadImageMask convention).", "The mask in the class colours.")
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
-
-    def load(self, image):
-        node = self.NAME
+    @classmethod
+    def run(cls, image):
+        node = cls.NAME
         path = _mask_path(image)
         if path is None:
             raise CollabNodeError(node, f"mask file '{image}' not found in the input folder; upload it with the "
                                         "node's button")
-        try:
-            labels = load_mask(path)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        labels = load_mask(path)
         return (adapters.labels_to_host_mask([labels]), adapters.labels_to_preview([labels]))
 
     @classmethod
-    def IS_CHANGED(cls, image):
+    def fingerprint_inputs(cls, image):
         path = _mask_path(image)
         if path is None:
             return ""
@@ -148,43 +133,32 @@ class CollabLoadFaceMask:
             return hashlib.sha256(f.read()).hexdigest()
 
     @classmethod
-    def VALIDATE_INPUTS(cls, image):
+    def validate_inputs(cls, image):
         if _mask_path(image) is None:
             return f"mask file '{image}' not found in the input folder; upload it with the node's button"
         return True
 
 
-class CollabFaceMaskPreview:
+class CollabFaceMaskPreview(CollabNode):
     """Show a label map in the CelebAMask-HQ colours (19 classes: """ + ", ".join(CLASS_NAMES) + ")."
 
+    NODE_ID = "CollabFaceMaskPreview"
     NAME = "Face Mask Preview"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}, "optional": {
-            "label_mask": ("MASK", {"tooltip": "Class labels (label/255 or 0..18)."}),
-            "image": ("IMAGE", {"tooltip": "A colour mask to check: unknown colours raise an error listing them."}),
-            "tolerance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 25.0, "step": 0.5}),
-        }}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[io.Mask.Input("label_mask", optional=True, tooltip="Class labels (label/255 or 0..18)."),
+                    io.Image.Input("image", optional=True,
+                                   tooltip="A colour mask to check: unknown colours raise an error listing them."),
+                    io.Float.Input("tolerance", default=0.0, min=0.0, max=25.0, step=0.5, optional=True,
+                                   tooltip=_TOLERANCE_TIP)],
+            outputs=[io.Image.Output(tooltip="The labels in the CelebAMask-HQ colours.")])
 
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "preview"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
-
-    def preview(self, label_mask=None, image=None, tolerance=0.0):
-        node = self.NAME
-        try:
-            labels = adapters.labels_from_host(image=image, mask=label_mask, tolerance=tolerance or None)
-            return (adapters.labels_to_preview(labels),)
-        except CollabError as err:
-            raise node_error(node, err) from err
+    @classmethod
+    def run(cls, label_mask=None, image=None, tolerance=0.0):
+        labels = adapters.labels_from_host(image=image, mask=label_mask, tolerance=tolerance or None)
+        return (adapters.labels_to_preview(labels),)
 
 
-NODE_CLASS_MAPPINGS = {
-    "CollabTextEncode": CollabTextEncode,
-    "CollabMaskEncode": CollabMaskEncode,
-    "CollabLoadFaceMask": CollabLoadFaceMask,
-    "CollabFaceMaskPreview": CollabFaceMaskPreview,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {k: v.NAME for k, v in NODE_CLASS_MAPPINGS.items()}
+NODES = [CollabTextEncode, CollabMaskEncode, CollabLoadFaceMask, CollabFaceMaskPreview]

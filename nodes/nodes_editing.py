@@ -23,10 +23,10 @@ from ..collab_core.editing.inputs import changed_labels, edit_region
 from ..collab_core.errors import CollabError
 from ..collab_core.schedule import ddim_schedule, make_alphas_cumprod
 from . import adapters, host
-from .adapters import CATEGORY, CollabNodeError, node_error
+from .adapters import CATEGORY, CollabNodeError
 from .samplers import ddpm_job, uniform_sigmas
+from .schema import SEED_MAX, CollabNode, Inversion, io
 
-INVERSION = "COLLAB_INVERSION"
 EDIT_CATEGORY = CATEGORY + "/editing"
 
 
@@ -68,51 +68,49 @@ class _Progress:
 # ------------------------------------------------------------------------------------------------- Imagic
 
 
-class CollabImagicFineTune:
+class CollabImagicFineTune(CollabNode):
     """Imagic for one uni-modal model, as the reference's editing/imagic_edit_*.py: optimise the target
     condition so that the model reconstructs the photo (stage 1), then fine-tune a copy of the model with it
     (stage 2). Returns the model patched with the tuned weights (the loaded model is not changed) and the
     optimised conditioning; blend it with the target in Imagic Interpolate."""
 
+    NODE_ID = "CollabImagicFineTune"
     NAME = "Imagic Fine-Tune (uni-modal)"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A uni-modal model (Load Collaborative Model)."}),
-            "positive": ("CONDITIONING", {"tooltip": "The TARGET condition (new caption / repainted mask)."}),
-            "latent": ("LATENT", {"tooltip": "The photo: VAE Encode of it with the model's VAE."}),
-            "stage1_lr": ("FLOAT", {"default": 1e-3, "min": 0.0, "max": 1.0, "step": 1e-4, "round": 1e-6,
-                                    "tooltip": "Embedding optimisation learning rate (reference 1e-3)."}),
-            "stage1_iters": ("INT", {"default": 500, "min": 0, "max": 100000,
-                                     "tooltip": "Embedding optimisation iterations (reference 500)."}),
-            "stage2_lr": ("FLOAT", {"default": 1e-6, "min": 0.0, "max": 1.0, "step": 1e-7, "round": 1e-9,
-                                    "tooltip": "UNet fine-tuning learning rate (reference 1e-6)."}),
-            "stage2_iters": ("INT", {"default": 1000, "min": 0, "max": 100000,
-                                     "tooltip": "UNet fine-tuning iterations (reference 1000); 0 = embedding only."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "Seeds the noise and timesteps of both stages (reference 0)."}),
-        }}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[
+                io.Model.Input("model", tooltip="A uni-modal model (Load Collaborative Model)."),
+                io.Conditioning.Input("positive", tooltip="The TARGET condition (new caption / repainted mask)."),
+                io.Latent.Input("latent", tooltip="The photo: VAE Encode of it with the model's VAE."),
+                io.Float.Input("stage1_lr", default=1e-3, min=0.0, max=1.0, step=1e-4, round=1e-6,
+                               tooltip="Embedding optimisation learning rate (reference 1e-3)."),
+                io.Int.Input("stage1_iters", default=500, min=0, max=100000,
+                             tooltip="Embedding optimisation iterations (reference 500)."),
+                io.Float.Input("stage2_lr", default=1e-6, min=0.0, max=1.0, step=1e-7, round=1e-9,
+                               tooltip="UNet fine-tuning learning rate (reference 1e-6)."),
+                io.Int.Input("stage2_iters", default=1000, min=0, max=100000,
+                             tooltip="UNet fine-tuning iterations (reference 1000); 0 = embedding only."),
+                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                             tooltip="Seeds the noise and timesteps of both stages (reference 0)."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the fine-tuned weights as a patch "
+                                     "(the loaded model is unchanged)."),
+                     io.Conditioning.Output(display_name="optimized",
+                                            tooltip="The optimised condition (reconstructs the photo)."),
+                     io.Conditioning.Output(display_name="target", tooltip="The target condition, passed through.")],
+            category=EDIT_CATEGORY)
 
-    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("model", "optimized", "target")
-    OUTPUT_TOOLTIPS = ("The model with the fine-tuned weights as a patch (the loaded model is unchanged).",
-                       "The optimised condition (reconstructs the photo).", "The target condition, passed through.")
-    FUNCTION = "tune"
-    CATEGORY = EDIT_CATEGORY
-    DESCRIPTION = __doc__
-
-    def tune(self, model, positive, latent, stage1_lr=1e-3, stage1_iters=500, stage2_lr=1e-6, stage2_iters=1000,
-             seed=0):
-        node = self.NAME
-        try:
-            target = adapters.conditioning_context(positive, "positive")
-            info = host.model_info(model)
-            adapters.check_context_dim(target, info.context_dim if info else None,
-                                       info.modality if info else "model")
-            ac = _alphas_cumprod(model)
-        except CollabError as err:
-            raise node_error(node, err) from err
+    @classmethod
+    def run(cls, model, positive, latent, stage1_lr=1e-3, stage1_iters=500, stage2_lr=1e-6, stage2_iters=1000,
+            seed=0):
+        node = cls.NAME
+        target = adapters.conditioning_context(positive, "positive")
+        info = host.model_info(model)
+        adapters.check_context_dim(target, info.context_dim if info else None,
+                                   info.modality if info else "model")
+        ac = _alphas_cumprod(model)
         if target.shape[0] != 1:
             raise CollabNodeError(node, f"the conditioning holds a batch of {target.shape[0]}; give one condition")
         comfy.model_management.load_models_gpu([model])  # applies the MODEL's own patches to the shared weights
@@ -121,17 +119,14 @@ class CollabImagicFineTune:
         z0 = _photo_latent(model, latent, node).to(device)
         seed = int(seed) % (2 ** 63)
         progress = _Progress(stage1_iters + stage2_iters)
-        try:
-            a = I.optimize_embedding(unet, z0, target.to(device), ac, iters=int(stage1_iters), lr=float(stage1_lr),
-                                     seed=seed, callback=progress, progress=False, forward=_forward)
-            optimized = a.embedding.detach().cpu()
-            out_model = model
-            if stage2_iters > 0:
-                b = I.finetune_unet(unet, z0, a.embedding, ac, iters=int(stage2_iters), lr=float(stage2_lr),
-                                    seed=seed + 1, callback=progress, progress=False, forward=_forward)
-                out_model = self._patched(model, unet, b.unet)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        a = I.optimize_embedding(unet, z0, target.to(device), ac, iters=int(stage1_iters), lr=float(stage1_lr),
+                                 seed=seed, callback=progress, progress=False, forward=_forward)
+        optimized = a.embedding.detach().cpu()
+        out_model = model
+        if stage2_iters > 0:
+            b = I.finetune_unet(unet, z0, a.embedding, ac, iters=int(stage2_iters), lr=float(stage2_lr),
+                                seed=seed + 1, callback=progress, progress=False, forward=_forward)
+            out_model = cls._patched(model, unet, b.unet)
         opts = dict(positive[0][1]) if len(positive[0]) > 1 else {}
         return (out_model, adapters.make_conditioning(optimized.float(), **opts), positive)
 
@@ -152,32 +147,27 @@ class CollabImagicFineTune:
         return clone
 
 
-class CollabImagicInterpolate:
+class CollabImagicInterpolate(CollabNode):
     """Imagic's interpolation between the target and the optimised condition: alpha·target + (1 − alpha)·optimised
     (1 = the target, 0 = the photo; the reference sweeps −1 … 1.5 uni-modally and 0 … 2.5 collaboratively)."""
 
+    NODE_ID = "CollabImagicInterpolate"
     NAME = "Imagic Interpolate"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "target": ("CONDITIONING",),
-            "optimized": ("CONDITIONING",),
-            "alpha": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.025}),
-        }}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[io.Conditioning.Input("target", tooltip="Imagic Fine-Tune's 'target' output."),
+                    io.Conditioning.Input("optimized", tooltip="Imagic Fine-Tune's 'optimized' output."),
+                    io.Float.Input("alpha", default=1.0, min=-10.0, max=10.0, step=0.025,
+                                   tooltip="1 = the target condition, 0 = the one that reconstructs the photo.")],
+            outputs=[io.Conditioning.Output(tooltip="The blended condition.")], category=EDIT_CATEGORY)
 
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "blend"
-    CATEGORY = EDIT_CATEGORY
-    DESCRIPTION = __doc__
-
-    def blend(self, target, optimized, alpha=1.0):
-        try:
-            t = adapters.conditioning_context(target, "target")
-            o = adapters.conditioning_context(optimized, "optimized")
-            mixed = I.interpolate(t.float(), o.float().to(t.device), float(alpha))
-        except CollabError as err:
-            raise node_error(self.NAME, err) from err
+    @classmethod
+    def run(cls, target, optimized, alpha=1.0):
+        t = adapters.conditioning_context(target, "target")
+        o = adapters.conditioning_context(optimized, "optimized")
+        mixed = I.interpolate(t.float(), o.float().to(t.device), float(alpha))
         opts = dict(target[0][1]) if len(target[0]) > 1 else {}
         return (adapters.make_conditioning(mixed, **opts),)
 
@@ -194,44 +184,40 @@ class InversionResult:
     steps: int
 
 
-class CollabDDIMInversion:
+class CollabDDIMInversion(CollabNode):
     """Invert the photo with deterministic DDIM under a GUIDER holding the SOURCE conditions (Collaborative
     Guider: the photo's mask and a caption of it; dynamic diffuser included). Resample From Inversion with the
     TARGET conditions then edits; with the same conditions it gives the photo back."""
 
+    NODE_ID = "CollabDDIMInversion"
     NAME = "DDIM Inversion (collaborative)"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "guider": ("GUIDER", {"tooltip": "Collaborative Guider with the SOURCE conditions, cfg 1."}),
-            "latent": ("LATENT", {"tooltip": "The photo: VAE Encode of it."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM steps (use the same to resample)."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                   "tooltip": "Fraction of the steps to invert: lower keeps more of the photo."}),
-            "refine": ("INT", {"default": 2, "min": 0, "max": 20,
-                               "tooltip": "Fixed-point iterations per step (more exact inversion, 1 call each)."}),
-            "correct": ("BOOLEAN", {"default": True, "tooltip": "Store each step's mismatch so that resampling with the "
-                                                               "source conditions is exact (1 call per step)."}),
-        }}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[io.Guider.Input("guider", tooltip="Collaborative Guider with the SOURCE conditions, cfg 1."),
+                    io.Latent.Input("latent", tooltip="The photo: VAE Encode of it."),
+                    io.Int.Input("steps", default=50, min=1, max=1000,
+                                 tooltip="DDIM steps (use the same to resample)."),
+                    io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01,
+                                   tooltip="Fraction of the steps to invert: lower keeps more of the photo."),
+                    io.Int.Input("refine", default=2, min=0, max=20,
+                                 tooltip="Fixed-point iterations per step (more exact inversion, 1 call each)."),
+                    io.Boolean.Input("correct", default=True, tooltip="Store each step's mismatch so that resampling "
+                                     "with the source conditions is exact (1 call per step).")],
+            outputs=[Inversion.Output(display_name="inversion", tooltip="For Resample From Inversion."),
+                     io.Latent.Output(display_name="x_T", tooltip="The inverted noise latent.")],
+            category=EDIT_CATEGORY)
 
-    RETURN_TYPES = (INVERSION, "LATENT")
-    RETURN_NAMES = ("inversion", "x_T")
-    FUNCTION = "invert"
-    CATEGORY = EDIT_CATEGORY
-    DESCRIPTION = __doc__
-
-    def invert(self, guider, latent, steps=50, strength=1.0, refine=2, correct=True):
-        node = self.NAME
+    @classmethod
+    def run(cls, guider, latent, steps=50, strength=1.0, refine=2, correct=True):
+        node = cls.NAME
         if not isinstance(latent, dict) or "samples" not in latent or latent["samples"].shape[0] != 1:
             raise CollabNodeError(node, "'latent' must be the LATENT of one photo (VAE Encode)")
-        try:
-            ac = _alphas_cumprod(guider.model_patcher)
-            schedule = ddim_schedule(ac, int(steps), 0.0)
-            n = len(schedule)
-            start = n - V.steps_for_strength(n, float(strength))
-        except CollabError as err:
-            raise node_error(node, err) from err
+        ac = _alphas_cumprod(guider.model_patcher)
+        schedule = ddim_schedule(ac, int(steps), 0.0)
+        n = len(schedule)
+        start = n - V.steps_for_strength(n, float(strength))
         holder = {}
         bar = comfy.utils.ProgressBar(n - start)
 
@@ -250,43 +236,38 @@ class CollabDDIMInversion:
         return (result, {"samples": x_T.cpu()})
 
 
-class CollabResampleInversion:
+class CollabResampleInversion(CollabNode):
     """Sample from an inversion with a GUIDER holding the TARGET conditions (deterministic DDIM). With an
     edit_mask (white = may change; e.g. Face Mask Difference) everything else is kept: after every step the
     latent outside the mask is the inversion's own latent at that level, so it ends as the photo's."""
 
+    NODE_ID = "CollabResampleInversion"
     NAME = "Resample From Inversion"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "guider": ("GUIDER", {"tooltip": "Collaborative Guider with the TARGET conditions, cfg 1."}),
-            "inversion": (INVERSION,),
-            "grow": ("INT", {"default": 1, "min": 0, "max": 16, "tooltip": "Grow the edit mask by N latent pixels."}),
-            "inside": (["inverted", "noise"], {"default": "inverted", "tooltip": "Start the masked region from the "
-                       "inverted latent (keeps more of the photo) or from fresh noise (regenerates it: stronger edits; "
-                       "needs an edit_mask)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "Seeds the fresh noise of inside = noise."}),
-        }, "optional": {"edit_mask": ("MASK", {"tooltip": "White = may change (picture resolution)."})}}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[io.Guider.Input("guider", tooltip="Collaborative Guider with the TARGET conditions, cfg 1."),
+                    Inversion.Input("inversion", tooltip="DDIM Inversion (collaborative)'s 'inversion' output."),
+                    io.Int.Input("grow", default=1, min=0, max=16, tooltip="Grow the edit mask by N latent pixels."),
+                    io.Combo.Input("inside", options=["inverted", "noise"], default="inverted",
+                                   tooltip="Start the masked region from the inverted latent (keeps more of the photo) "
+                                           "or from fresh noise (regenerates it: stronger edits; needs an edit_mask)."),
+                    io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                                 tooltip="Seeds the fresh noise of inside = noise."),
+                    io.Mask.Input("edit_mask", optional=True, tooltip="White = may change (picture resolution).")],
+            outputs=[io.Latent.Output(tooltip="The edited latent (VAE Decode it).")], category=EDIT_CATEGORY)
 
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "resample"
-    CATEGORY = EDIT_CATEGORY
-    DESCRIPTION = __doc__
-
-    def resample(self, guider, inversion, grow=1, inside="inverted", seed=0, edit_mask=None):
-        node = self.NAME
+    @classmethod
+    def run(cls, guider, inversion, grow=1, inside="inverted", seed=0, edit_mask=None):
+        node = cls.NAME
         if not isinstance(inversion, InversionResult):
             raise CollabNodeError(node, "'inversion' must come from DDIM Inversion (collaborative)")
         inv = inversion.inversion
         region = None
         if edit_mask is not None:
             m = edit_mask[0] if edit_mask.dim() == 3 else edit_mask
-            try:
-                region = edit_region((m > 0.5).cpu().numpy(), tuple(inv.z0.shape[-2:]), grow=int(grow))
-            except CollabError as err:
-                raise node_error(node, err) from err
+            region = edit_region((m > 0.5).cpu().numpy(), tuple(inv.z0.shape[-2:]), grow=int(grow))
         if inside == "noise" and region is None:
             raise CollabNodeError(node, "inside = noise regenerates the masked region and needs an edit_mask (e.g. "
                                         "Face Mask Difference)")
@@ -310,37 +291,27 @@ class CollabResampleInversion:
         return ({"samples": out.cpu()},)
 
 
-class CollabMaskDifference:
+class CollabMaskDifference(CollabNode):
     """Where the target face mask differs from the source one (the region an edit should change), as a MASK."""
 
+    NODE_ID = "CollabMaskDifference"
     NAME = "Face Mask Difference"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"source_labels": ("MASK", {"tooltip": "The photo's own mask (Load Face Mask)."}),
-                             "target_labels": ("MASK", {"tooltip": "The repainted mask (Load Face Mask)."})}}
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[io.Mask.Input("source_labels", tooltip="The photo's own mask (Load Face Mask)."),
+                    io.Mask.Input("target_labels", tooltip="The repainted mask (Load Face Mask).")],
+            outputs=[io.Mask.Output(display_name="edit_mask", tooltip="White where the two masks differ.")],
+            category=EDIT_CATEGORY)
 
-    RETURN_TYPES = ("MASK",)
-    RETURN_NAMES = ("edit_mask",)
-    FUNCTION = "difference"
-    CATEGORY = EDIT_CATEGORY
-    DESCRIPTION = __doc__
-
-    def difference(self, source_labels, target_labels):
-        try:
-            src = adapters.labels_from_host(mask=source_labels)[0]
-            tgt = adapters.labels_from_host(mask=target_labels)[0]
-            changed = changed_labels(src, tgt)
-        except CollabError as err:
-            raise node_error(self.NAME, err) from err
+    @classmethod
+    def run(cls, source_labels, target_labels):
+        src = adapters.labels_from_host(mask=source_labels)[0]
+        tgt = adapters.labels_from_host(mask=target_labels)[0]
+        changed = changed_labels(src, tgt)
         return (torch.from_numpy(changed.astype(np.float32))[None],)
 
 
-NODE_CLASS_MAPPINGS = {
-    "CollabImagicFineTune": CollabImagicFineTune,
-    "CollabImagicInterpolate": CollabImagicInterpolate,
-    "CollabDDIMInversion": CollabDDIMInversion,
-    "CollabResampleInversion": CollabResampleInversion,
-    "CollabMaskDifference": CollabMaskDifference,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {k: v.NAME for k, v in NODE_CLASS_MAPPINGS.items()}
+NODES = [CollabImagicFineTune, CollabImagicInterpolate, CollabDDIMInversion, CollabResampleInversion,
+         CollabMaskDifference]

@@ -11,32 +11,36 @@ from __future__ import annotations
 import logging
 
 from . import adapters, host
-from .adapters import CATEGORY, FREEU_DEFAULTS, CollabNodeError
+from .adapters import FREEU_DEFAULTS, CollabNodeError
+from .schema import CollabNode, io
+
+_TIPS = {"b1": "Backbone scale of the deeper stage (576 channels in the official UNets).",
+         "b2": "Backbone scale of the shallower stage (384 channels).",
+         "s1": "Skip-connection scale of the deeper stage (low frequencies).",
+         "s2": "Skip-connection scale of the shallower stage (low frequencies)."}
 
 
-def _float(default: float) -> tuple:
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 10.0, "step": 0.01})
+def _float(name: str):
+    return io.Float.Input(name, default=FREEU_DEFAULTS[name], min=0.0, max=10.0, step=0.01, tooltip=_TIPS[name])
 
 
-class CollabFreeU:
+class CollabFreeU(CollabNode):
     """FreeU on the Collaborative Diffusion UNets' real stages (authors' defaults b1 1.1, b2 1.2, s1 1, s2 1)."""
 
+    NODE_ID = "CollabFreeU"
     NAME = "Collaborative FreeU"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "b1": _float(FREEU_DEFAULTS["b1"]), "b2": _float(FREEU_DEFAULTS["b2"]),
-                             "s1": _float(FREEU_DEFAULTS["s1"]), "s2": _float(FREEU_DEFAULTS["s2"])}}
+    def define_schema(cls):
+        return cls.schema(inputs=[io.Model.Input("model", tooltip="A Collaborative Diffusion UNet (or any LDM UNet).")]
+                          + [_float(n) for n in ("b1", "b2", "s1", "s2")],
+                          outputs=[io.Model.Output(tooltip="A patched clone; the input MODEL is unchanged.")])
 
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
-
-    def patch(self, model, b1, b2, s1, s2):
+    @classmethod
+    def run(cls, model, b1, b2, s1, s2):
         unet = model.model.model_config.unet_config
         if "model_channels" not in unet or "channel_mult" not in unet:
-            raise CollabNodeError(self.NAME, "this MODEL is not a UNet with channel levels; FreeU needs one")
+            raise CollabNodeError(cls.NAME, "this MODEL is not a UNet with channel levels; FreeU needs one")
         scales = adapters.freeu_scales(unet["model_channels"], unet["channel_mult"], b1, b2, s1, s2)
         if host.model_info(model) is None:  # any LDM UNet works; say which stages are scaled
             logging.getLogger("collaborative_diffusion").info("Collaborative FreeU on a foreign model: stages %s",
@@ -50,5 +54,4 @@ class CollabFreeU:
         return (m,)
 
 
-NODE_CLASS_MAPPINGS = {"CollabFreeU": CollabFreeU}
-NODE_DISPLAY_NAME_MAPPINGS = {"CollabFreeU": CollabFreeU.NAME}
+NODES = [CollabFreeU]

@@ -8,65 +8,64 @@ from ..collab_core.errors import CollabError
 from ..collab_core.mask_encoder import MaskEncoder
 from ..collab_core.text_encoder import TextEncoder
 from . import host
-from .adapters import AUTO, CATEGORY, CollabNodeError, node_error, resolve_heads
+from .adapters import AUTO, CollabNodeError, resolve_heads
+from .schema import CollabNode, Diffuser, Encoder, advanced, io
 
-ENCODER = "COLLAB_ENCODER"
-DIFFUSER = "DYNAMIC_DIFFUSER"
 MODALITY_CHOICES = [AUTO, "text", "mask"]
 
 
-def _heads_input(what: str) -> tuple:
-    return ("INT", {"default": 0, "min": 0, "max": 256, "advanced": True,
-                    "tooltip": f"Attention heads of the {what}. 0 = from the official YAML (config), else the official "
-                               "32. Weights cannot tell the head count."})
+def _heads_input(what: str):
+    return advanced(io.Int.Input("heads", default=0, min=0, max=256,
+                                 tooltip=f"Attention heads of the {what}. 0 = from the official YAML (config), else "
+                                         "the official 32. Weights cannot tell the head count."))
 
 
-def _config_input() -> tuple:
-    return (host.config_names(), {"tooltip": "The model's official YAML (configs/*.yaml of the authors' repository). "
-                                             "'auto' = a YAML named like the checkpoint beside it or in ../configs; "
-                                             "without one the official 512/256 settings are used."})
+def _config_input():
+    return io.Combo.Input("config", options=host.config_names(),
+                          tooltip="The model's official YAML (configs/*.yaml of the authors' repository). 'auto' = a "
+                                  "YAML named like the checkpoint beside it or in ../configs; without one the official "
+                                  "512/256 settings are used.")
+
+
+def _checkpoint_input(name: str, tooltip: str):
+    return io.Combo.Input(name, options=host.checkpoint_names(), tooltip=tooltip)
 
 
 
 def _read_checkpoint(node, ckpt_name, config):
     """The file behind a loader's choice, split into parts, with its official config (if any)."""
     path = host.checkpoint_path(ckpt_name, node)
-    try:
-        return path, host.read_parts(path), host.read_config(config, path, node)
-    except CollabError as err:
-        raise node_error(node, err) from err
+    return path, host.read_parts(path), host.read_config(config, path, node)
 
-class CollabUnimodalLoader:
+class CollabUnimodalLoader(CollabNode):
     """Load a uni-modal Collaborative Diffusion model (512_text.ckpt, 512_mask.ckpt, or one branch of the
     collaborative file) as a host MODEL, with its condition encoder and the VAE the file holds."""
 
+    NODE_ID = "CollabUnimodalLoader"
     NAME = "Load Collaborative Model"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "ckpt_name": (host.checkpoint_names(), {"tooltip": "From models/collaborative_diffusion or models/checkpoints."}),
-            "modality": (MODALITY_CHOICES, {"default": AUTO, "tooltip": "Which uni-modal model of the file: 'auto' "
-                                            "takes the only one (512_text / 512_mask); the collaborative file holds both."}),
-            "config": _config_input(),
-            "heads": _heads_input("UNet"),
-        }}
-
-    RETURN_TYPES = ("MODEL", ENCODER, "VAE")
-    RETURN_NAMES = ("model", "encoder", "vae")
-    OUTPUT_TOOLTIPS = ("A host MODEL: works with KSampler, SamplerCustomAdvanced, FreeU, model merging …",
-                       "The model's condition encoder (text or mask) for Collaborative Text/Mask Encode.",
-                       "The VAE stored in the file (blocked with a message if the file has none).")
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[_checkpoint_input("ckpt_name", "From models/collaborative_diffusion or models/checkpoints."),
+                    io.Combo.Input("modality", options=MODALITY_CHOICES, default=AUTO,
+                                   tooltip="Which uni-modal model of the file: 'auto' takes the only one (512_text / "
+                                           "512_mask); the collaborative file holds both."),
+                    _config_input(), _heads_input("UNet")],
+            outputs=[io.Model.Output(display_name="model", tooltip="A host MODEL: works with KSampler, "
+                                     "SamplerCustomAdvanced, FreeU, model merging …"),
+                     Encoder.Output(display_name="encoder", tooltip="The model's condition encoder (text or mask) for "
+                                    "Collaborative Text/Mask Encode."),
+                     io.Vae.Output(display_name="vae", tooltip="The VAE stored in the file (blocked with a message if "
+                                   "the file has none).")])
 
     @classmethod
-    def VALIDATE_INPUTS(cls, ckpt_name):
+    def validate_inputs(cls, ckpt_name):
         return host.missing_checkpoint_message(ckpt_name) or True
 
-    def load(self, ckpt_name, modality=AUTO, config=AUTO, heads=0):
-        node = self.NAME
+    @classmethod
+    def run(cls, ckpt_name, modality=AUTO, config=AUTO, heads=0):
+        node = cls.NAME
         path, parts, cfg = _read_checkpoint(node, ckpt_name, config)
         if not parts.unets:
             raise CollabNodeError(node, f"{path.name} holds no uni-modal UNet ({parts.describe().splitlines()[0]}); "
@@ -83,23 +82,17 @@ class CollabUnimodalLoader:
                                         "of them or 'auto'")
         n_heads, heads_from = resolve_heads(heads, cfg.unet_heads(modality))
         head_channels = cfg.unet_num_head_channels if not heads and cfg.unet_heads(modality) is None else None
-        try:
-            model = host.build_model(
-                parts.unets[modality], modality=modality, source=path.name, heads=n_heads, heads_from=heads_from,
-                head_channels=head_channels, scale_factor=host.scale_factor_for(cfg, parts),
-                schedule=host.schedule_settings(cfg, parts, node), node=node)
-            encoder = self._encoder(parts, modality, path.name)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        model = host.build_model(
+            parts.unets[modality], modality=modality, source=path.name, heads=n_heads, heads_from=heads_from,
+            head_channels=head_channels, scale_factor=host.scale_factor_for(cfg, parts),
+            schedule=host.schedule_settings(cfg, parts, node), node=node)
+        encoder = cls._encoder(parts, modality, path.name)
         info = host.model_info(model)
         if info.context_dim and encoder.dim != info.context_dim:
             raise CollabNodeError(node, f"{path.name}: the {modality} UNet attends to {info.context_dim}-dim tokens but "
                                         f"its encoder gives {encoder.dim}-dim tokens; the file is inconsistent")
         if parts.vae is not None:
-            try:
-                vae = host.build_vae(parts.vae, cfg)
-            except CollabError as err:
-                raise node_error(node, err) from err
+            vae = host.build_vae(parts.vae, cfg)
         else:
             vae = ExecutionBlocker(f"[{node}] {path.name} holds no VAE; load 512_vae (or 256_vae) with "
                                    "Load Collaborative VAE and wire that VAE instead")
@@ -117,68 +110,56 @@ class CollabUnimodalLoader:
                           "uni-modal or collaborative checkpoint, which carry the encoder")
 
 
-class CollabVAELoader:
+class CollabVAELoader(CollabNode):
     """Load the official KL-VAE (512_vae.ckpt / 256_vae.ckpt, or the VAE inside any official file) as a host VAE."""
 
+    NODE_ID = "CollabVAELoader"
     NAME = "Load Collaborative VAE"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae_name": (host.checkpoint_names(), {"tooltip": "A *_vae file, or any official "
-                                                                                "checkpoint holding first_stage_model.*"})}}
-
-    RETURN_TYPES = ("VAE",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
+    def define_schema(cls):
+        return cls.schema(inputs=[_checkpoint_input("vae_name", "A *_vae file, or any official checkpoint holding "
+                                                                "first_stage_model.*")],
+                          outputs=[io.Vae.Output(tooltip="A host VAE for VAE Encode / VAE Decode.")])
 
     @classmethod
-    def VALIDATE_INPUTS(cls, vae_name):
+    def validate_inputs(cls, vae_name):
         return host.missing_checkpoint_message(vae_name) or True
 
-    def load(self, vae_name):
-        node = self.NAME
+    @classmethod
+    def run(cls, vae_name):
+        node = cls.NAME
         path = host.checkpoint_path(vae_name, node)
-        try:
-            parts = host.read_parts(path)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        parts = host.read_parts(path)
         if parts.vae is None:
             raise CollabNodeError(node, f"{path.name} holds no VAE ({parts.describe().splitlines()[0]}); choose "
                                         "512_vae / 256_vae or an official uni-modal/collaborative checkpoint")
-        try:
-            return (host.build_vae(parts.vae),)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        return (host.build_vae(parts.vae),)
 
 
-class CollabDiffuserLoader:
+class CollabDiffuserLoader(CollabNode):
     """Load the dynamic diffusers of a collaborative checkpoint (512_codiff_mask_text.ckpt): one learned
     influence network per modality."""
 
+    NODE_ID = "CollabDiffuserLoader"
     NAME = "Load Dynamic Diffuser"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "ckpt_name": (host.checkpoint_names(), {"tooltip": "The collaborative checkpoint (*_codiff_*)."}),
-            "config": _config_input(),
-            "heads": _heads_input("dynamic diffusers"),
-        }}
-
-    RETURN_TYPES = (DIFFUSER, "STRING")
-    RETURN_NAMES = ("dynamic_diffuser", "modalities")
-    OUTPUT_TOOLTIPS = ("Wire into Collaborative Guider / KSampler.", "The modality names in fusion order.")
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = __doc__
+    def define_schema(cls):
+        return cls.schema(
+            inputs=[_checkpoint_input("ckpt_name", "The collaborative checkpoint (*_codiff_*)."), _config_input(),
+                    _heads_input("dynamic diffusers")],
+            outputs=[Diffuser.Output(display_name="dynamic_diffuser",
+                                     tooltip="Wire into Collaborative Guider / KSampler."),
+                     io.String.Output(display_name="modalities", tooltip="The modality names in fusion order.")])
 
     @classmethod
-    def VALIDATE_INPUTS(cls, ckpt_name):
+    def validate_inputs(cls, ckpt_name):
         return host.missing_checkpoint_message(ckpt_name) or True
 
-    def load(self, ckpt_name, config=AUTO, heads=0):
-        node = self.NAME
+    @classmethod
+    def run(cls, ckpt_name, config=AUTO, heads=0):
+        node = cls.NAME
         path, parts, cfg = _read_checkpoint(node, ckpt_name, config)
         if not parts.diffusers:
             raise CollabNodeError(node, f"{path.name} holds no dynamic diffusers ({parts.describe().splitlines()[0]}); "
@@ -187,22 +168,14 @@ class CollabDiffuserLoader:
         head_channels = cfg.diffuser_num_head_channels if not heads and cfg.diffuser_num_heads is None else None
         order = [m for m in parts.modalities if m in parts.diffusers]
         patchers = {}
-        try:
-            scale = host.scale_factor_for(cfg, parts)
-            schedule = host.schedule_settings(cfg, parts, node)
-            for m in order:
-                patchers[m] = host.build_model(parts.diffusers[m], modality=m, source=path.name, heads=n_heads,
-                                               heads_from=heads_from, head_channels=head_channels,
-                                               scale_factor=scale, schedule=schedule, role="dynamic diffuser",
-                                               node=node)
-        except CollabError as err:
-            raise node_error(node, err) from err
+        scale = host.scale_factor_for(cfg, parts)
+        schedule = host.schedule_settings(cfg, parts, node)
+        for m in order:
+            patchers[m] = host.build_model(parts.diffusers[m], modality=m, source=path.name, heads=n_heads,
+                                           heads_from=heads_from, head_channels=head_channels,
+                                           scale_factor=scale, schedule=schedule, role="dynamic diffuser",
+                                           node=node)
         return (host.DynamicDiffuser(modalities=order, patchers=patchers, source=path.name), ", ".join(order))
 
 
-NODE_CLASS_MAPPINGS = {
-    "CollabUnimodalLoader": CollabUnimodalLoader,
-    "CollabVAELoader": CollabVAELoader,
-    "CollabDiffuserLoader": CollabDiffuserLoader,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {k: v.NAME for k, v in NODE_CLASS_MAPPINGS.items()}
+NODES = [CollabUnimodalLoader, CollabVAELoader, CollabDiffuserLoader]

@@ -69,11 +69,12 @@ def wait_for(fn, timeout: float, what: str, interval: float = 0.25):
 class Server:
     """A headless ComfyUI with this pack, in a throw-away base directory."""
 
-    def __init__(self, comfy: Path, python: str, models: Path | None, inputs: list[Path], threads: int = 1):
+    def __init__(self, comfy: Path, python: str, models: Path | None, inputs: list[Path], threads: int = 1,
+                 pack: Path = REPO):
         self.base = Path(tempfile.mkdtemp(prefix="collab-shots-"))
         (self.base / "custom_nodes").mkdir()
         (self.base / "input").mkdir()
-        os.symlink(REPO, self.base / "custom_nodes" / PACK_DIR_NAME)
+        os.symlink(pack, self.base / "custom_nodes" / PACK_DIR_NAME)
         for p in inputs:
             shutil.copy(p, self.base / "input" / p.name)
         yaml = self.base / "extra_model_paths.yaml"
@@ -202,6 +203,77 @@ FIT_JS = r"""
 """
 
 
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True,
+            "Comfy.Workflow.ShowMissingModelsWarning": False, "Comfy.Workflow.ShowMissingNodesWarning": False,
+            "Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 1,
+            "Comfy.Toast.DisableReconnectingToast": True, "Comfy.Notification.ShowVersionUpdates": False}
+
+# The page's app and LiteGraph: globals up to the 1.4x front ends, also reachable through window.comfyAPI; the
+# helpers below always go through window.app / window.LiteGraph, so READY_JS makes sure both exist.
+READY_JS = r"""
+(() => {
+  const api = window.comfyAPI || {};
+  const native = !!window.app;
+  if (!window.app && api.app && api.app.app) window.app = api.app.app;
+  if (!window.LiteGraph && api.litegraph && api.litegraph.LiteGraph) window.LiteGraph = api.litegraph.LiteGraph;
+  const ok = !!(window.app && window.app.graph && window.app.canvas && window.LiteGraph &&
+                Object.keys(LiteGraph.registered_node_types).length > 100);
+  return ok && (native ? 'window.app' : 'window.comfyAPI.app.app');
+})()
+"""
+
+# Close dialogs, toasts and side panels the front end may open on load (templates, missing models, release notes).
+CLOSE_JS = r"""
+(() => {
+  const sel = ['.p-dialog-mask .p-dialog-close-button', '.p-dialog-header-close', '.p-toast-close-button',
+               '.p-toast-icon-close'];
+  document.querySelectorAll(sel.join(',')).forEach(b => b.click());
+  return true;
+})()
+"""
+
+# Nodes in the graph, node types the front end does not know, and nodes drawn red: flagged with errors, or a
+# combo widget whose value is not among its options (a checkpoint or mask name the server does not list).
+CHECK_JS = r"""
+(() => {
+  const nodes = app.graph._nodes || app.graph.nodes;
+  const reg = LiteGraph.registered_node_types;
+  const missing = nodes.filter(n => !reg[n.type]).map(n => n.type);
+  const bad = [];
+  for (const n of nodes) {
+    if (n.has_errors) bad.push(`${n.type}#${n.id}: has errors`);
+    for (const w of n.widgets || []) {
+      if (w.type !== 'combo') continue;
+      let vals = w.options && w.options.values;
+      if (typeof vals === 'function') { try { vals = vals(w, n); } catch (e) { vals = null; } }
+      if (Array.isArray(vals) && vals.length && !vals.includes(w.value))
+        bad.push(`${n.type}#${n.id}.${w.name} = ${JSON.stringify(w.value)} not listed`);
+    }
+  }
+  return {nodes: nodes.length, missing, bad};
+})()
+"""
+
+# Queue the graph the way the Run button does.
+QUEUE_JS = r"""
+(async () => {
+  if (typeof app.queuePrompt === 'function') { await app.queuePrompt(0, 1); return 'app.queuePrompt'; }
+  await app.extensionManager.command.execute('Comfy.QueuePrompt');
+  return 'Comfy.QueuePrompt';
+})()
+"""
+
+# What the front end reports when it refuses a prompt: node errors, or the text of an error dialog.
+ERRORS_JS = r"""
+(() => {
+  const errs = app.lastNodeErrors && Object.keys(app.lastNodeErrors).length ? JSON.stringify(app.lastNodeErrors) : '';
+  const dlg = [...document.querySelectorAll('.p-dialog, .comfy-modal')].filter(d => d.offsetParent !== null)
+    .map(d => d.innerText.trim()).filter(t => t).join(' | ');
+  return errs || dlg.slice(0, 2000) || null;
+})()
+"""
+
+
 OFFICIAL_NAMES = {"tiny_text": "512_text", "tiny_mask": "512_mask", "tiny_vae": "512_vae",
                   "tiny_codiff_mask_text": "512_codiff_mask_text"}
 
@@ -226,6 +298,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fixture-models", type=Path, metavar="REFERENCE_DIR",
                     help="use the tiny test checkpoints of REFERENCE_DIR (../shared/fixtures/reference) under the "
                          "official names")
+    ap.add_argument("--pack", type=Path, default=REPO,
+                    help="pack folder the server loads (default: this checkout; e.g. a `git archive HEAD` copy)")
     ap.add_argument("--workflows", type=Path, default=REPO / "workflows")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
     ap.add_argument("--run", action="store_true", help="queue each workflow from the page and wait for it")
@@ -233,6 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--export-api", type=Path, help="write the front end's API prompt of each workflow here")
     ap.add_argument("--size", default="2560x1440")
     ap.add_argument("--only", nargs="*", help="workflow stems to process")
+    ap.add_argument("--report", type=Path, help="write the measured results (versions, per workflow) as JSON here")
     args = ap.parse_args(argv)
     if not args.comfy:
         ap.error("give --comfy or set COMFYUI_PATH")
@@ -242,31 +317,42 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.fixture_models:
         args.models = fixture_models(args.fixture_models.resolve())
-    server = Server(Path(args.comfy), args.python, args.models, inputs)
+    server = Server(Path(args.comfy), args.python, args.models, inputs, pack=args.pack.resolve())
     chrome = None
     failures = []
+    results = []
+    info = {}
     try:
-        http_json(server.url + "/api/settings", {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True,
-                                                  "Comfy.Workflow.ShowMissingModelsWarning": False,
-                                                  "Comfy.Minimap.Visible": False,
-                                                  "LiteGraph.Canvas.MinFontSizeForLOD": 1})
+        object_info = http_json(server.url + "/object_info")
+        pack_types = sorted(k for k, v in object_info.items() if PACK_DIR_NAME in str(v.get("python_module", "")))
+        if not pack_types:
+            log = (server.base / "server.log").read_text(errors="replace")
+            raise RuntimeError("the pack did not load in ComfyUI (no node of it in /object_info); server log tail:\n"
+                               + "\n".join(log.splitlines()[-40:]))
+        stats = http_json(server.url + "/system_stats")
+        info["host"] = stats.get("system", {}).get("comfyui_version")
+        info["pack_node_types"] = len(pack_types)
+        http_json(server.url + "/api/settings", SETTINGS)
         chrome = Chrome(args.chromium, width, height)
         chrome.send("Page.enable")
         chrome.send("Page.navigate", url=server.url + "/")
-        wait_for(lambda: chrome.eval("!!(window.app && window.app.graph && window.app.canvas && "
-                                     "window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 100)"),
-                 120, "the ComfyUI front end")
+        info["app_global"] = wait_for(lambda: chrome.eval(READY_JS), 120, "the ComfyUI front end")
         time.sleep(2)
+        chrome.eval(CLOSE_JS)
+        info["frontend"] = chrome.eval("window.__COMFYUI_FRONTEND_VERSION__ || null")
+        print(f"ComfyUI {info['host']}, front end {info['frontend']}, {len(pack_types)} pack node types")
         for path in flows:
             wf = json.loads(path.read_text())
+            row = {"workflow": path.name}
             chrome.eval(f"app.loadGraphData({json.dumps(wf)}, true, true, {json.dumps(path.stem)}).then(() => true)")
             time.sleep(1.0)
-            missing = chrome.eval("app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type])"
-                                  ".map(n => n.type)")
-            if missing:
-                failures.append(f"{path.name}: missing node types {missing}")
-            chrome.eval("document.querySelectorAll('.p-dialog-mask .p-dialog-close-button, .p-dialog-header-close')"
-                        ".forEach(b => b.click()); true")
+            chrome.eval(CLOSE_JS)
+            check = chrome.eval(CHECK_JS)
+            row.update(nodes=check["nodes"], missing=len(check["missing"]), red=check["bad"])
+            if check["missing"]:
+                failures.append(f"{path.name}: missing node types {check['missing']}")
+            if check["bad"]:
+                failures.append(f"{path.name}: red nodes / invalid widget values {check['bad']}")
             if args.normalize:
                 chrome.eval(LAYOUT_JS)
                 saved = chrome.eval("JSON.stringify(app.graph.serialize())")
@@ -277,22 +363,58 @@ def main(argv=None) -> int:
                 (args.export_api / f"{path.stem}.json").write_text(json.dumps(json.loads(api), indent=2) + "\n")
             if args.run:
                 before = set(http_json(server.url + "/history"))
-                chrome.eval("app.queuePrompt(0, 1).then(() => true)")
-                hist = wait_for(lambda: [v for k, v in http_json(server.url + "/history").items()
-                                         if k not in before and v.get("status", {}).get("completed") is not None],
-                                900, f"{path.name} to finish", interval=1.0)[0]
-                if hist["status"].get("status_str") != "success":
-                    failures.append(f"{path.name}: run failed: {hist['status'].get('messages')}")
+                t0 = time.time()
+                queued = row["queued_by"] = chrome.eval(QUEUE_JS)
+                problem = None
+
+                def finished():
+                    nonlocal problem
+                    new = [v for k, v in http_json(server.url + "/history").items()
+                           if k not in before and v.get("status", {}).get("completed") is not None]
+                    if new:
+                        return new
+                    # nothing in the history yet: did the front end refuse the prompt (red nodes, error dialog)?
+                    errs = chrome.eval(ERRORS_JS)
+                    busy = http_json(server.url + "/queue")
+                    if errs and not (busy.get("queue_running") or busy.get("queue_pending")):
+                        problem = errs
+                        return [None]
+                    return None
+
+                hist = wait_for(finished, 900, f"{path.name} to finish", interval=1.0)[0]
+                row["seconds"] = round(time.time() - t0, 1)
+                if hist is None:
+                    row["ran"] = False
+                    failures.append(f"{path.name}: not queued ({queued}): {problem}")
+                elif hist["status"].get("status_str") != "success":
+                    row["ran"] = False
+                    errs = [m[1] for m in hist["status"].get("messages", []) if m[0] == "execution_error"]
+                    failures.append(f"{path.name}: run failed: " + "; ".join(
+                        f"{e.get('node_type')}: {e.get('exception_type')}: {e.get('exception_message')}"
+                        for e in errs) if errs else f"{path.name}: run failed: {hist['status']}")
+                else:
+                    row["ran"] = True
+                    row["outputs"] = len(hist.get("outputs", {}))
                 time.sleep(1.5)
+                chrome.eval(CLOSE_JS)
+                red = chrome.eval(CHECK_JS)["bad"]
+                if red:
+                    row["red"] = red
+                    failures.append(f"{path.name}: red nodes after the run {red}")
             chrome.eval(FIT_JS)
             time.sleep(0.8)
             shot = args.out / f"{path.stem}.png"
             chrome.screenshot(shot)
-            print(f"{path.name}: {'missing ' + str(missing) if missing else 'all nodes registered'} -> {shot}")
+            results.append(row)
+            state = ("missing " + str(check["missing"])) if check["missing"] else "all nodes registered"
+            ran = "" if "ran" not in row else f", ran {'ok' if row['ran'] else 'FAILED'} in {row['seconds']} s"
+            print(f"{path.name}: {row['nodes']} nodes, {state}, {len(row['red'])} red{ran} -> {shot}", flush=True)
     finally:
         if chrome is not None:
             chrome.close()
         server.stop()
+    if args.report:
+        args.report.write_text(json.dumps({**info, "workflows": results, "failures": failures}, indent=2) + "\n")
     for f in failures:
         print("FAIL", f, file=sys.stderr)
     return 1 if failures else 0

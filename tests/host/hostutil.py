@@ -80,6 +80,12 @@ def write_mask_png(path: Path, labels) -> Path:
     return path
 
 
+def combo_options(entry) -> list:
+    """The choices of a combo input in the host's V1 input description: ``["COMBO", {"options": [...]}]`` for a
+    V3 node, ``[[...], {...}]`` for a V1 one."""
+    return list(entry[1]["options"]) if entry[0] == "COMBO" else list(entry[0])
+
+
 def node(host_ns, class_type: str):
     """An instance of a registered node class (fetched from the host registry, never re-imported)."""
     return host_ns.mappings[class_type]()
@@ -91,4 +97,5 @@ def call(host_ns, class_type: str, **kwargs):
 
     obj = node(host_ns, class_type)
     with torch.inference_mode():
-        return getattr(obj, obj.FUNCTION)(**kwargs)
+        out = getattr(obj, obj.FUNCTION)(**kwargs)
+    return tuple(out.args) if hasattr(out, "args") else out  # a V3 node returns a NodeOutput

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from graphs import branch, collab_ksampler, collaborative_graph, empty_latent, loader, text_encode
-from hostutil import REPO
+from hostutil import REPO, combo_options
 
 DEMO = REPO / "collab_core" / "demo"
 DEMO_CKPT = "demo_codiff_mask_text.safetensors"
@@ -26,7 +26,7 @@ def demo(host):
 
 
 def _choices(host, class_type, name):
-    return host.mappings[class_type].INPUT_TYPES()["required"][name][0]
+    return combo_options(host.mappings[class_type].INPUT_TYPES()["required"][name])
 
 
 def test_demo_bundle_and_its_mask_are_listed_without_copying_anything(host, demo):

@@ -25,13 +25,10 @@ HAIR, BACKGROUND = 13, 0
 
 @pytest.fixture(scope="module")
 def ed(host):
-    """The editing nodes registered with the host (the pack's nodes/__init__ may not list them yet)."""
+    """The pack's editing module as the host loaded it, and the input files of the editing graphs."""
     loaders = next(name for name, m in list(sys.modules.items())
                    if name.endswith("nodes.nodes_loaders") and str(getattr(m, "__file__", "")).startswith(str(REPO)))
     module = importlib.import_module(loaders.rsplit(".", 1)[0] + ".nodes_editing")  # as a module of the loaded pack
-    for k, v in module.NODE_CLASS_MAPPINGS.items():
-        host.mappings.setdefault(k, v)
-        host.nodes.NODE_DISPLAY_NAME_MAPPINGS.setdefault(k, module.NODE_DISPLAY_NAME_MAPPINGS[k])
     labels = host.inputs["mask_label_32"].numpy()
     target = labels.copy()
     target[labels == HAIR] = BACKGROUND

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hostutil import call
+from hostutil import call, combo_options
 from graphs import CODIFF, TEXT, collaborative_graph, empty_latent, loader, text_encode
 
 EXPECTED = {
@@ -43,9 +43,9 @@ def test_every_node_registers_with_the_host(host):
         assert "required" in spec and cls.RETURN_TYPES and hasattr(cls, cls.FUNCTION)
         assert cls.CATEGORY == "collaborative_diffusion"
     # the checkpoint combos list the files of models/collaborative_diffusion
-    combo = host.mappings["CollabUnimodalLoader"].INPUT_TYPES()["required"]["ckpt_name"][0]
+    combo = combo_options(host.mappings["CollabUnimodalLoader"].INPUT_TYPES()["required"]["ckpt_name"])
     assert {"tiny_text.ckpt", "tiny_mask.safetensors", CODIFF} <= set(combo)
-    configs = host.mappings["CollabUnimodalLoader"].INPUT_TYPES()["required"]["config"][0]
+    configs = combo_options(host.mappings["CollabUnimodalLoader"].INPUT_TYPES()["required"]["config"])
     assert configs[0] == "auto"
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from hostutil import COMFY, OFFICIAL_TO_FIXTURE, REPO
+from hostutil import COMFY, OFFICIAL_TO_FIXTURE, REPO, combo_options
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 API_TWINS = Path(__file__).resolve().parent / "workflows_api"
@@ -200,7 +200,7 @@ def test_server_lists_every_node(server, object_info):
         assert name in object_info, f"{name} missing from /object_info (see {server.log})"
         assert object_info[name]["display_name"] == display
         assert object_info[name]["category"] == "collaborative_diffusion"
-    combo = object_info["CollabUnimodalLoader"]["input"]["required"]["ckpt_name"][0]
+    combo = combo_options(object_info["CollabUnimodalLoader"]["input"]["required"]["ckpt_name"])
     assert "tiny_codiff_mask_text.ckpt" in combo
 
 
