@@ -7,7 +7,9 @@ A HOST_DIR is what ``comfy-host.sh SNAPSHOT HOST_DIR`` sets up: ``HOST_DIR/Comfy
 ``HOST_DIR/venv`` (its Python, with ComfyUI's requirements). ``--install`` first installs the pack's own
 requirements into that venv, with torch held at the version the venv has (a constraint, so pip never swaps it).
 Each host runs ``pytest tests/host`` in its own Python with ``COMFYUI_PATH`` set, one host after the other; the
-counts come from pytest's JUnit report, so a skipped test shows as skipped, never as passed.
+counts come from pytest's JUnit report, so a skipped test shows as skipped, never as passed. The contract tests
+write their latents (``$COLLAB_HOST_LATENTS``); at the end the script compares each host's with the first host's
+and fails above a relative difference of 1e-5.
 """
 
 from __future__ import annotations
@@ -47,13 +49,31 @@ def install_requirements(python: Path) -> None:
     os.unlink(pin.name)
 
 
-def run_host(host_dir: Path, extra: list[str]) -> dict:
+def compare_latents(rows: list[dict]) -> list[str]:
+    """The latents the contract tests wrote on each host, compared with the first host's (relative max error)."""
+    from safetensors.torch import load_file
+
+    lines = []
+    base = rows[0]
+    for r in rows[1:]:
+        for f in sorted(Path(base["latents"]).glob("*.safetensors")):
+            other = Path(r["latents"]) / f.name
+            if not other.is_file():
+                lines.append(f"{f.stem}: missing on {r['comfyui']}")
+                continue
+            a, b = load_file(str(f))["samples"], load_file(str(other))["samples"]
+            rel = float((a - b).abs().max()) / max(float(a.abs().max()), 1e-12)
+            lines.append(f"{f.stem}: {base['comfyui']} vs {r['comfyui']} rel {rel:.1e}")
+    return lines
+
+
+def run_host(host_dir: Path, extra: list[str], latents: Path) -> dict:
     comfy, python = host_dir / "ComfyUI", host_dir / "venv" / "bin" / "python"
     if not (comfy / "main.py").is_file() or not python.is_file():
         raise SystemExit(f"{host_dir}: not a host set up by comfy-host.sh (needs ComfyUI/main.py and venv/bin/python)")
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        env = dict(os.environ, COMFYUI_PATH=str(comfy), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, COMFYUI_PATH=str(comfy), PYTHONUNBUFFERED="1", COLLAB_HOST_LATENTS=str(latents))
         started = time.perf_counter()
         proc = subprocess.run([str(python), "-m", "pytest", "tests/host", "-q", "-p", "no:cacheprovider",
                                f"--junitxml={report}", *extra], cwd=REPO, env=env, capture_output=True, text=True)
@@ -71,7 +91,7 @@ def run_host(host_dir: Path, extra: list[str]) -> dict:
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return {"host": host_dir.name, "comfyui": host_version(comfy), "frontend": frontend_version(python),
             "passed": passed, "failed": counts["failures"] + counts["errors"], "skipped": counts["skipped"],
-            "seconds": seconds, "returncode": proc.returncode, "failed_tests": failed,
+            "seconds": seconds, "returncode": proc.returncode, "failed_tests": failed, "latents": str(latents),
             "tail": proc.stdout[-3000:] + proc.stderr[-2000:]}
 
 
@@ -84,10 +104,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     extra = ["-k", args.keyword] if args.keyword else []
     rows = []
-    for h in args.hosts:
+    store = Path(tempfile.mkdtemp(prefix="collab-matrix-"))
+    for i, h in enumerate(args.hosts):
         if args.install:
             install_requirements(h / "venv" / "bin" / "python")
-        row = run_host(h, extra)
+        row = run_host(h, extra, store / f"{i}-{h.name}")
         rows.append(row)
         print(f"{row['comfyui']:>8}  {row['host']:<14} passed {row['passed']:>3}  failed {row['failed']:>3}  "
               f"skipped {row['skipped']:>3}  {row['seconds']:6.0f} s", flush=True)
@@ -101,8 +122,14 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"| {r['comfyui']} | {r['host']} | {r['frontend']} | {r['passed']} | {r['failed']} | "
                   f"{r['skipped']} | {r['seconds']:.0f} |")
+    mismatch = False
+    if len(rows) > 1:
+        print("\nThe same graphs on every host (KSampler and Guider + SamplerCustomAdvanced latents):")
+        for line in compare_latents(rows):
+            print("  " + line)
+            mismatch |= "missing" in line or float(line.rsplit(" ", 1)[1]) > 1e-5
     bad = [r for r in rows if r["failed"] or r["skipped"] or r["passed"] == 0]
-    return 1 if bad else 0
+    return 1 if bad or mismatch else 0
 
 
 if __name__ == "__main__":

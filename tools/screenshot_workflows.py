@@ -274,6 +274,33 @@ ERRORS_JS = r"""
 """
 
 
+# Widget values for the run only: [[node type, widget name, value], ...] -> [[id, type, name, old, new], ...].
+SET_WIDGETS_JS = r"""
+((sets) => {
+  const changed = [];
+  for (const n of app.graph._nodes || app.graph.nodes)
+    for (const [type, name, value] of sets) {
+      const w = n.type === type && (n.widgets || []).find(w => w.name === name);
+      if (w) { changed.push([n.id, n.type, name, w.value, value]); w.value = value; }
+    }
+  app.graph.setDirtyCanvas(true, true);
+  return changed;
+})(%s)
+"""
+
+RESTORE_WIDGETS_JS = r"""
+((olds) => {
+  for (const [id, name, value] of olds) {
+    const n = app.graph.getNodeById(id);
+    const w = n && (n.widgets || []).find(w => w.name === name);
+    if (w) w.value = value;
+  }
+  app.graph.setDirtyCanvas(true, true);
+  return true;
+})(%s)
+"""
+
+
 OFFICIAL_NAMES = {"tiny_text": "512_text", "tiny_mask": "512_mask", "tiny_vae": "512_vae",
                   "tiny_codiff_mask_text": "512_codiff_mask_text"}
 
@@ -307,6 +334,10 @@ def main(argv=None) -> int:
     ap.add_argument("--export-api", type=Path, help="write the front end's API prompt of each workflow here")
     ap.add_argument("--size", default="2560x1440")
     ap.add_argument("--only", nargs="*", help="workflow stems to process")
+    ap.add_argument("--run-set", nargs="*", default=[], metavar="TYPE.WIDGET=VALUE",
+                    help="widget values set in the page for the run only (set back before the screenshot); with "
+                         "--fixture-models the default is ImageScale.width=64 ImageScale.height=64")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds one run may take (with --run)")
     ap.add_argument("--report", type=Path, help="write the measured results (versions, per workflow) as JSON here")
     args = ap.parse_args(argv)
     if not args.comfy:
@@ -315,8 +346,12 @@ def main(argv=None) -> int:
     flows = sorted(p for p in args.workflows.glob("*.json") if not args.only or p.stem in args.only)
     inputs = sorted(args.workflows.glob("*.png"))
     args.out.mkdir(parents=True, exist_ok=True)
+    run_set = [(t, w, json.loads(v) if v[:1] in "0123456789-[{\"" or v in ("true", "false") else v)
+               for t, _, rest in (item.partition(".") for item in args.run_set) for w, _, v in [rest.partition("=")]]
     if args.fixture_models:
         args.models = fixture_models(args.fixture_models.resolve())
+        if not args.run_set:  # the tiny fixture VAE halves (the official one divides by 8): 64 px pictures
+            run_set = [("ImageScale", "width", 64), ("ImageScale", "height", 64)]
     server = Server(Path(args.comfy), args.python, args.models, inputs, pack=args.pack.resolve())
     chrome = None
     failures = []
@@ -363,6 +398,9 @@ def main(argv=None) -> int:
                 (args.export_api / f"{path.stem}.json").write_text(json.dumps(json.loads(api), indent=2) + "\n")
             if args.run:
                 before = set(http_json(server.url + "/history"))
+                changed = chrome.eval(SET_WIDGETS_JS % json.dumps(run_set)) if run_set else []
+                if changed:
+                    row["run_set"] = [f"{t}#{i}.{w} = {v!r}" for i, t, w, _old, v in changed]
                 t0 = time.time()
                 queued = row["queued_by"] = chrome.eval(QUEUE_JS)
                 problem = None
@@ -381,7 +419,15 @@ def main(argv=None) -> int:
                         return [None]
                     return None
 
-                hist = wait_for(finished, 900, f"{path.name} to finish", interval=1.0)[0]
+                try:
+                    hist = wait_for(finished, args.timeout, f"{path.name} to finish", interval=1.0)[0]
+                except TimeoutError:
+                    hist = {"status": {"status_str": "timeout"}}
+                    http_json(server.url + "/interrupt", {})
+                    log = (server.base / "server.log").read_text(errors="replace").splitlines()
+                    print(f"{path.name}: no result after {args.timeout} s; server log tail:\n" + "\n".join(log[-25:]),
+                          file=sys.stderr)
+                    wait_for(lambda: not any(http_json(server.url + "/queue").values()), 120, "the interrupt")
                 row["seconds"] = round(time.time() - t0, 1)
                 if hist is None:
                     row["ran"] = False
@@ -396,6 +442,8 @@ def main(argv=None) -> int:
                     row["ran"] = True
                     row["outputs"] = len(hist.get("outputs", {}))
                 time.sleep(1.5)
+                if changed:  # the picture shows the workflow as shipped
+                    chrome.eval(RESTORE_WIDGETS_JS % json.dumps([[i, w, old] for i, _t, w, old, _v in changed]))
                 chrome.eval(CLOSE_JS)
                 red = chrome.eval(CHECK_JS)["bad"]
                 if red:
@@ -413,8 +461,8 @@ def main(argv=None) -> int:
         if chrome is not None:
             chrome.close()
         server.stop()
-    if args.report:
-        args.report.write_text(json.dumps({**info, "workflows": results, "failures": failures}, indent=2) + "\n")
+        if args.report:
+            args.report.write_text(json.dumps({**info, "workflows": results, "failures": failures}, indent=2) + "\n")
     for f in failures:
         print("FAIL", f, file=sys.stderr)
     return 1 if failures else 0

@@ -83,7 +83,7 @@ def host(fixture_dir):
     if example.is_file():
         shutil.copy(example, base / "input" / example.name)
 
-    def run(prompt: dict, server: NullServer | None = None):
+    def run(prompt: dict, server: NullServer | None = None, extra_data: dict | None = None):
         server = server or NullServer()
         pid = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
@@ -92,7 +92,7 @@ def host(fixture_dir):
                                    messages=[], executor=None)
         ex = make_executor(execution, server)
         with torch.inference_mode():
-            ex.execute(prompt, pid, {}, valid[2])
+            ex.execute(prompt, pid, dict(extra_data or {}), valid[2])
         outs = {k: cached_output(ex, k) for k in prompt}
         return SimpleNamespace(valid=True, error=None, node_errors={}, success=ex.success, outputs=outs,
                                messages=ex.status_messages, executor=ex, server=server)

@@ -1,6 +1,7 @@
 """The pack plugs into the host through its extension points, on whichever ComfyUI runs the tests.
 
-* Every method the pack defines on a subclass of a host class accepts every call the host's own method accepts
+* Every method the pack defines on a subclass of a host class (constructors aside: the pack builds those objects
+  itself) accepts every call the host's own method accepts
   (a host that adds a keyword, as ``latent_shapes`` in 0.3.75, must not break an override), and no ``@final``
   host method is overridden. V3 node hooks are the documented exceptions: the host reads their parameters.
 * The MODELs are built with the patcher class the host builds its own models with (``CoreModelPatcher``, which
@@ -85,7 +86,7 @@ def test_the_pack_overrides_host_methods_compatibly(host):
     checked, problems = 0, []
     for qual, (cls, hosts) in classes.items():
         for name, value in vars(cls).items():
-            if name.startswith("__") and name != "__init__":
+            if name.startswith("__"):  # constructors too: the pack builds its guider, configs and nodes itself
                 continue
             host_owner = next((h for h in hosts if name in vars(h)), None)
             if host_owner is None or not callable(getattr(host_owner, name)):
@@ -176,6 +177,7 @@ def test_models_use_the_hosts_patcher_class_and_sample_alike_with_each(host, mon
     # every run built its MODELs (UNets and dynamic diffusers) through the host's class. On a CPU,
     # ModelPatcherDynamic hands back a plain ModelPatcher: dynamic VRAM needs a GPU, so its GPU paths are not
     # exercised here.
-    assert built == [b for b in classes for _ in range(4)], built
+    # (4 = two branch UNets and two dynamic diffusers; the host's own VAE may add patchers of its own)
+    assert all(built.count(b) >= 4 for b in classes), built
     for other in latents[1:]:
         assert torch.equal(latents[0], other)

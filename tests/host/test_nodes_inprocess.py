@@ -329,11 +329,14 @@ def test_progress_and_live_previews_for_every_step(host):
     args.preview_method = LatentPreviewMethod.Latent2RGB
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
-        r = ok(host.run(collaborative_graph(host.mask_name, steps=4, eta=1.0, batch=1, size=64)))
+        # the preview method as the front end sends it with the prompt (hosts since 0.8 reset it per prompt to the
+        # start-up default unless the prompt names one), and as a start-up flag for the older hosts
+        r = ok(host.run(collaborative_graph(host.mask_name, steps=4, eta=1.0, batch=1, size=64),
+                        extra_data={"preview_method": "latent2rgb"}))
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         args.preview_method = old
     steps = [s for s in seen if s[1] == 4]
     assert [s[0] for s in steps] == [1, 2, 3, 4]
-    assert all(s[2] is not None and s[2][0] == "JPEG" for s in steps)  # a preview image with every step
+    assert all(s[2] is not None and s[2][0] == "JPEG" for s in steps), steps  # a preview image with every step
     assert latent_preview is not None and r.success
