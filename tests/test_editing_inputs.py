@@ -110,7 +110,8 @@ def test_psnr_and_ssim_known_values_and_weights():
     assert psnr(a, b) == float("inf") and ssim(a, b) == pytest.approx(1.0)
     b[:8] += 10  # MSE 100 on the top half
     assert psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / 50))
-    bottom = np.zeros((16, 16)); bottom[8:] = 1
+    bottom = np.zeros((16, 16))
+    bottom[8:] = 1
     assert psnr(a, b, bottom) == float("inf")
     assert psnr(a, b, 1 - bottom) == pytest.approx(10 * np.log10(255 ** 2 / 100))
     noisy = np.clip(a + np.random.default_rng(0).normal(0, 30, a.shape), 0, 255).astype(np.uint8)

@@ -2,7 +2,8 @@
 """Open ComfyUI's real front end in headless Chromium, load each workflow of workflows/, save a screenshot.
 
     COMFYUI_PATH=/path/to/ComfyUI python tools/screenshot_workflows.py [--python VENV/bin/python]
-        [--models DIR] [--run] [--normalize] [--export-api DIR] [--out docs/screenshots]
+        [--models DIR | --fixture-models REFERENCE_DIR] [--run] [--normalize] [--export-api DIR]
+        [--out docs/screenshots] [--report FILE] [--only STEM ...] [--pack DIR] [--timeout S]
 
 It starts a headless ComfyUI server on loopback with this pack as a custom node (isolated: a temporary base
 directory, in-memory database), starts Chromium with a fresh profile, and drives the page through the Chrome
@@ -13,6 +14,21 @@ official files or any files with the official names), and writes a PNG.
 --normalize writes each workflow back as the front end serialises it (app.graph.serialize()), with node sizes
 computed by the front end and columns spread so nodes do not overlap. --export-api writes the prompt the front
 end would queue (app.graphToPrompt()) to DIR/<name>.json; the host tests compare their own conversion with it.
+
+Checks per workflow: node types the front end does not know (missing), nodes drawn red (flagged with errors, or a
+combo value the server does not list, such as an absent checkpoint), and with --run whether the prompt ran to the
+end and how long it took (from the page's queue call to the history entry). --report FILE writes these results
+with the host and front-end versions as JSON. The script stops early, with the server log's tail, when the pack
+itself did not import. --pack DIR loads another copy of the pack (e.g. a `git archive HEAD` export while the
+work tree is being edited).
+
+Front ends: tested with 1.27.10 (ComfyUI 0.3.64), 1.47.10 (0.29.0) and 1.49.6 (0.33.0). The page is driven
+through window.app / window.LiteGraph (still globals in 1.49; READY_JS falls back to window.comfyAPI),
+app.loadGraphData, app.graphToPrompt and app.queuePrompt (falling back to the Comfy.QueuePrompt command).
+
+--fixture-models: the tiny test VAE halves the picture (the official one divides by 8), so for the run only the
+ImageScale nodes are set to 64 px (edit_mask_and_text fits its photo to 512 px, which would mean a 256x256
+latent and many GB of attention); the screenshot shows the shipped values. --run-set overrides this.
 
 Needs: chromium (Debian: apt-get install chromium) and websocket-client (pip) in the running Python.
 Nothing is downloaded; Chromium only talks to 127.0.0.1.
@@ -461,6 +477,8 @@ def main(argv=None) -> int:
         if chrome is not None:
             chrome.close()
         server.stop()
+        if args.fixture_models:
+            shutil.rmtree(args.models, ignore_errors=True)  # symlinks only
         if args.report:
             args.report.write_text(json.dumps({**info, "workflows": results, "failures": failures}, indent=2) + "\n")
     for f in failures:
