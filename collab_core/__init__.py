@@ -6,14 +6,16 @@ and the branches' noise predictions are fused as a per-pixel weighted sum.
 
 Public API::
 
-    from collab_core import CollaborativePipeline
-    pipe = CollaborativePipeline.from_checkpoints("pretrained/")
+    from collab_core import load_pipeline
+    pipe = load_pipeline("pretrained/")          # no argument: the demo models shipped with the pack
     pipe.generate(text="...", mask="mask.png", seed=0).save("outputs/")
 """
 
-from .errors import BranchMismatchError, CheckpointError, CollabError, ConditioningError, ConfigError
+from .errors import (BranchMismatchError, CheckpointError, CollabError, ConditioningError, ConfigError, InputError,
+                     NumericalError)
 from .fusion import BranchInfluence, InfluenceConfig, fuse
 from .pipeline import Branch, CollaborativePipeline, GenerationResult
+from .models import demo_defaults, load_pipeline
 from .sampling import sample_ddim
 from .schedule import ddim_schedule, make_alphas_cumprod
 
@@ -21,6 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Branch", "BranchInfluence", "BranchMismatchError", "CheckpointError", "CollabError", "CollaborativePipeline",
-    "ConditioningError", "ConfigError", "GenerationResult", "InfluenceConfig", "ddim_schedule", "fuse",
-    "make_alphas_cumprod", "sample_ddim",
+    "ConditioningError", "ConfigError", "GenerationResult", "InfluenceConfig", "InputError", "NumericalError",
+    "ddim_schedule", "demo_defaults", "fuse", "load_pipeline", "make_alphas_cumprod", "sample_ddim",
 ]

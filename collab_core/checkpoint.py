@@ -44,12 +44,10 @@ __all__ = [
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
-_CONVERT_HINT = (
-    "To use it, convert it once in an environment you trust, e.g. "
-    "`python -c \"import torch; from safetensors.torch import save_file; "
-    "sd = torch.load('FILE', weights_only=False); sd = sd.get('state_dict', sd); "
-    "save_file({k: v.contiguous() for k, v in sd.items()}, 'clean.safetensors')\"` "
-    "(or `torch.save(torch.load(f)['state_dict'], 'clean.pt')`), and load the converted file."
+_UNSAFE_HINT = (
+    "Do not open this file with torch.load(weights_only=False) or any other unpickler that runs code: that would run "
+    "what it names. The official checkpoints hold only tensors and Lightning metadata and load here as they are; get "
+    "this one again from where the model is published, or ask its author for a .safetensors file."
 )
 
 
@@ -311,7 +309,7 @@ def _load_pickled(path: Path, kind: str) -> Any:
         raise CheckpointError(
             f"refusing to load {path}: its pickle refers to `{exc.module}.{exc.name}`, which is not "
             "a tensor or known checkpoint metadata. Loading it would run code from the file, so it "
-            "was not run. " + _CONVERT_HINT.replace("FILE", str(path))
+            "was not run. " + _UNSAFE_HINT
         ) from exc
     except Exception as exc:
         raise _damaged(path, exc) from exc
@@ -450,6 +448,9 @@ def save_safetensors(
     os.close(fd)
     try:
         save_file(clean, tmp, metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; the result gets the user's usual permissions
         os.replace(tmp, p)
     except BaseException:
         try:

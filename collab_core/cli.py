@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import CollabError, ConfigError
+from .images import write_text_atomic
 
 DEFAULT_TEXT = "This man has beard of medium length. He is in his thirties."
 
@@ -29,7 +30,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "repeatable; configs named like the checkpoints in ./configs or ../configs are found automatically")
     g.add_argument("--prefix", default=None, help="which set to use when a directory holds several (e.g. 512 or 256)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
-    g.add_argument("--half", action="store_true", help="run the networks in float16 (GPU)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="the networks' precision (default float32; sampling arithmetic stays float32). auto: bfloat16 "
+                        "on GPUs and CPUs with native bf16, float16 on older GPUs, else float32 (docs/precision.md)")
+    g.add_argument("--half", dest="dtype", action="store_const", const="float16", help="the same as --dtype float16")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -40,12 +44,17 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, default=1, help="pictures per run")
     g.add_argument("--size", type=int, default=None,
                    help="picture size in pixels (default: the model's native size, 512 or 256)")
-    g.add_argument("--mask-schedule", default="cosine_decay", choices=["cosine_decay", "linear_decay", "none"],
-                   help="time schedule of the mask influence (reference: cosine_decay)")
-    g.add_argument("--mask-scale", type=float, default=2.0,
-                   help="boost of the mask influence after the schedule (reference: 2.0; 1 = none)")
-    g.add_argument("--plain-softmax", action="store_true",
-                   help="use the dynamic diffusers' softmax as is (the training-time fusion), no schedule or boost")
+    g.add_argument("--fusion", choices=["reference", "plain-softmax"], default=None,
+                   help="reference: the authors' sampler (mask × cosine decay, ×2 boost); plain-softmax: the dynamic "
+                        "diffusers' softmax as trained. Default: the models' own (reference for the official "
+                        "checkpoints; a bundle such as the demo records its own)")
+    g.add_argument("--mask-schedule", default=None, choices=["cosine_decay", "linear_decay", "none"],
+                   help="time schedule of the mask influence (reference: cosine_decay); implies --fusion reference")
+    g.add_argument("--mask-scale", type=float, default=None,
+                   help="boost of the mask influence after the schedule (reference: 2.0; 1 = none); implies "
+                        "--fusion reference")
+    g.add_argument("--plain-softmax", dest="fusion", action="store_const", const="plain-softmax",
+                   help="the same as --fusion plain-softmax")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--text", default=None, help=f"caption (default in collaborative mode: {DEFAULT_TEXT!r})")
     gen.add_argument("--mask", type=Path, default=None,
                      help="segmentation mask: indexed PNG (reference test_data), grey label PNG (0..18) or CelebAMask-HQ colour image")
+    gen.add_argument("--mask-tolerance", type=float, default=None, metavar="RGB",
+                     help="for colour masks: snap colours within this RGB distance to the nearest class colour (JPEG, "
+                          "antialiasing; e.g. 20). Default: exact colours only")
     gen.add_argument("--mode", choices=["auto", "collaborative", "text", "mask"], default="auto",
                      help="auto: every branch whose condition is given; text/mask: that branch alone")
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default ./outputs)")
@@ -101,24 +113,38 @@ def _device(name: str):
 
 
 def _device_and_dtype(args):
-    import torch
+    from .precision import resolve_dtype
 
     device = _device(args.device)
-    if args.half and device.type == "cpu":
-        raise CollabError("--half needs a GPU (float16 convolutions are slow or missing on the CPU); drop --half")
-    return device, torch.float16 if args.half else torch.float32
+    return device, resolve_dtype(args.dtype, device)
 
 
 def _influence(args):
-    """The influence shaping chosen by --plain-softmax / --mask-schedule / --mask-scale."""
+    """The fusion the options ask for, or None (the models' own) when none of them is given."""
     from .fusion import BranchInfluence, InfluenceConfig
 
-    if args.plain_softmax:
+    shaped = args.mask_schedule is not None or args.mask_scale is not None
+    if args.fusion == "plain-softmax":
+        if shaped:
+            raise ConfigError("--mask-schedule / --mask-scale shape the reference fusion; drop them or drop "
+                              "--fusion plain-softmax")
         return InfluenceConfig.plain()
+    if args.fusion is None and not shaped:
+        return None
+    schedule = args.mask_schedule or "cosine_decay"
+    scale = 2.0 if args.mask_scale is None else args.mask_scale
     return InfluenceConfig({
-        "mask": BranchInfluence(schedule=args.mask_schedule, scale_factor=None if args.mask_scale == 1 else args.mask_scale),
-        "text": BranchInfluence(complement=args.mask_schedule != "none"),
+        "mask": BranchInfluence(schedule=schedule, scale_factor=None if scale == 1 else scale),
+        "text": BranchInfluence(complement=schedule != "none"),
     })
+
+
+def _fusion_name(args, pipe) -> object:
+    """What settings.json records of the fusion used."""
+    if args.fusion == "plain-softmax" or (_influence(args) is None and not pipe.influence.branches):
+        return "plain-softmax"
+    return {"fusion": "reference", "mask_schedule": args.mask_schedule or "cosine_decay",
+            "mask_scale": 2.0 if args.mask_scale is None else args.mask_scale}
 
 
 def _load_pipeline(args, device, dtype, image_size):
@@ -127,7 +153,7 @@ def _load_pipeline(args, device, dtype, image_size):
 
     return load_pipeline(args.checkpoints, text_model=args.text_model, mask_model=args.mask_model, vae=args.vae,
                          diffuser=args.diffuser, configs=args.config, prefix=args.prefix, device=device, dtype=dtype,
-                         image_size=image_size)
+                         image_size=image_size, influence=_influence(args))
 
 
 def cmd_generate(args) -> int:
@@ -136,8 +162,6 @@ def cmd_generate(args) -> int:
     if Path(args.out).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
         raise ConfigError(f"--out names a folder (pictures, influence maps and settings.json go into it), not a "
                           f"picture file: use e.g. --out {Path(args.out).with_suffix('')}")
-    if args.x0_threshold is not None and args.x0_threshold < 0:
-        raise ConfigError(f"--x0-threshold must be positive (or 0 = off), got {args.x0_threshold}")
     device, dtype = _device_and_dtype(args)
     pipe = _load_pipeline(args, device, dtype, args.size)
     conditions = {}
@@ -151,11 +175,6 @@ def cmd_generate(args) -> int:
               file=sys.stderr)
         if args.text is None and args.mask is None:
             text, args.mask = defaults.get("text"), defaults.get("mask")
-        if args.x0_threshold is None:
-            args.x0_threshold = defaults.get("x0_threshold")
-        if not args.plain_softmax and args.mask_schedule == "cosine_decay" and args.mask_scale == 2.0:
-            # the demo's diffusers do best with the training-time softmax (docs/method_table.md)
-            args.plain_softmax = True
         elif text is None and (wanted and "text" in wanted or (wanted is None and args.mask is None)):
             text = defaults.get("text")
     if text is None and (wanted and "text" in wanted or (wanted is None and args.mask is None)):
@@ -164,25 +183,30 @@ def cmd_generate(args) -> int:
         conditions["text"] = text
     if args.mask is not None and "mask" in pipe.names and (wanted is None or "mask" in wanted):
         conditions["mask"] = args.mask
+        if args.mask_tolerance is not None:
+            from .masks import load_mask
+
+            conditions["mask"] = load_mask(args.mask, tolerance=args.mask_tolerance)
     missing = (wanted or set()) - set(conditions)
     if missing:
         need = " and ".join(f"--{m}" + (" (and a loaded mask model)" if m == "mask" else "") for m in sorted(missing))
         raise CollabError(f"--mode {args.mode} needs {need}; loaded branches: {', '.join(pipe.names)}")
     if not conditions:
         raise CollabError(f"nothing to condition on: give --text and/or --mask (loaded branches: {', '.join(pipe.names)})")
-    influence = _influence(args)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     started = time.perf_counter()
-    threshold = args.x0_threshold or None  # 0 = off
+    # the pipeline's own threshold (the demo's recorded one) unless the option is given; 0 = off
+    threshold = args.x0_threshold if args.x0_threshold is not None else pipe.x0_threshold
     result = pipe.generate(conditions=conditions, batch=args.batch, steps=args.steps, eta=args.eta, seed=seed,
-                           influence=influence, progress=sys.stderr.isatty(), x0_threshold=threshold)
+                           progress=sys.stderr.isatty(), x0_threshold=threshold or 0.0)
     paths = result.save(args.out, influence=args.save_influence)
-    (args.out / "settings.json").write_text(json.dumps({
-        "conditions": {k: str(v) for k, v in conditions.items()}, "branches": pipe.names, "steps": args.steps,
+    settings = json.dumps({
+        "conditions": {k: str(args.mask if k == "mask" else v) for k, v in conditions.items()}, "branches": pipe.names, "steps": args.steps,
         "eta": args.eta, "seed": seed, "batch": args.batch, "device": str(device), "dtype": str(dtype).split(".")[-1],
-        "influence": "plain" if args.plain_softmax else {"mask_schedule": args.mask_schedule, "mask_scale": args.mask_scale},
-        "x0_threshold": threshold,
-    }, indent=2))
+        "influence": _fusion_name(args, pipe), "x0_threshold": threshold or None,
+    }, indent=2, allow_nan=False)  # strict JSON: a NaN would make the file unreadable for other tools
+    write_text_atomic(args.out / "settings.json", settings)
+    paths.append(args.out / "settings.json")
     used = ", ".join(f"{k}" for k in conditions)
     print(f"generated {args.batch} picture(s) from {used} with {', '.join(pipe.names)} branch(es), seed {seed}, "
           f"{args.steps} steps in {time.perf_counter() - started:.1f} s -> {args.out}")
@@ -223,9 +247,12 @@ def cmd_info(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .validation import check_arguments
+
     args = build_parser().parse_args(argv)
     handler = {"generate": cmd_generate, "edit": cmd_edit, "convert": cmd_convert, "info": cmd_info}.get(args.command) or args.handler
     try:
+        check_arguments(args)  # every argument, before any model is loaded or anything is written
         return handler(args)
     except CollabError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,3 +23,12 @@ class ConditioningError(CollabError):
 
 class BranchMismatchError(CollabError):
     """Branches, dynamic diffusers or latents that do not fit together."""
+
+
+class InputError(CollabError, ValueError):
+    """An argument of the wrong type, out of range, not finite, or a path of the wrong kind (checked before any
+    work starts). Also a ``ValueError``, so code that guards a call with ``except ValueError`` still catches it."""
+
+
+class NumericalError(CollabError):
+    """A network produced non-finite values while sampling (broken weights or an input far outside training)."""

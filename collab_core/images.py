@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -18,16 +19,43 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.astype(np.uint8)
 
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def save_png_atomic(img, path: Path) -> Path:
+    """Write a picture under a temporary name and rename it into place: a run that fails half-way (disk full,
+    interrupt) never leaves a truncated file under the final name, and never half-overwrites an earlier result."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """``path.write_text(text)`` through a temporary name and a rename (see :func:`save_png_atomic`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def save_images(images: np.ndarray, out_dir: Path | str, stem: str = "x_0") -> list[Path]:
     """Write each (H,W,3) uint8 image as ``{idx:06d}_{stem}.png``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for idx, img in enumerate(images):
-        path = out / f"{idx:06d}_{stem}.png"
-        Image.fromarray(img).save(path)
-        paths.append(path)
-    return paths
+    return [save_png_atomic(img, out / f"{idx:06d}_{stem}.png") for idx, img in enumerate(images)]
 
 
 def grid(tiles: torch.Tensor, nrow: int = 10, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:
@@ -65,7 +93,5 @@ def save_influence(influence: dict[str, torch.Tensor], out_dir: Path | str,
     for name in names or list(influence):
         maps = influence[name]
         for idx in range(maps.shape[1]):
-            path = out / f"{idx:06d}_{name}_influence.png"
-            Image.fromarray(influence_grid(maps[:, idx])).save(path)
-            paths.append(path)
+            paths.append(save_png_atomic(influence_grid(maps[:, idx]), out / f"{idx:06d}_{name}_influence.png"))
     return paths

@@ -216,8 +216,41 @@ def split_checkpoint(
     """Sort the tensors of one file into networks; see :class:`CheckpointParts`.
 
     ``metadata`` (safetensors header) may carry ``collab_part``/``modality`` for part files and
-    ``modalities`` (comma-separated) to fix the fusion order of a collaborative file.
+    ``modalities`` (comma-separated) to fix the fusion order of a collaborative file. Every network weight is
+    checked (:func:`check_weights`): a file that would sample to black is refused here, at load.
     """
+    parts = _split_checkpoint(state_dict, metadata)
+    check_weights(parts)
+    return parts
+
+
+def check_weights(parts: CheckpointParts) -> None:
+    """Refuse networks with integer (or bool) weights or with NaN/inf values, naming the tensors."""
+    nets = [(f"UNet [{m}]", sd) for m, sd in parts.unets.items()]
+    nets += [(f"dynamic diffuser [{m}]", sd) for m, sd in parts.diffusers.items()]
+    nets += [(f"text encoder [{m}]", sd) for m, sd in parts.text_encoders.items()]
+    nets += [(f"mask encoder [{m}]", sd) for m, sd in parts.mask_encoders.items()]
+    if parts.vae is not None:
+        nets.append(("VAE", parts.vae))
+    not_float, not_finite = [], []
+    for where, sd in nets:
+        for k, v in sd.items():
+            if not v.is_floating_point():
+                not_float.append(f"{where} {k} ({str(v.dtype).replace('torch.', '')})")
+            elif v.numel() and v.device.type != "meta" and not bool(torch.isfinite(v).all()):  # meta: no values
+                not_finite.append(f"{where} {k}")
+    if not_float:
+        raise CheckpointError(
+            f"{len(not_float)} network weight(s) are not floating-point numbers, e.g. {', '.join(not_float[:4])}: "
+            "the file was written by a tool that converted the weights to integers; use the original file")
+    if not_finite:
+        raise CheckpointError(
+            f"{len(not_finite)} network weight(s) hold NaN or infinite values, e.g. {', '.join(not_finite[:4])}: "
+            "sampling with them gives a black or noise picture. The file is damaged or comes from a diverged "
+            "training run; download it again or use an earlier checkpoint")
+
+
+def _split_checkpoint(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> CheckpointParts:
     metadata = dict(metadata or {})
     sd = dict(state_dict)
     if not sd:

@@ -278,5 +278,7 @@ def _unknown_colors_message(shape, inverse, unknown, u_rgb, nearest, near_d, tol
         f"{int(counts.sum())} of {h * w} mask pixels ({len(unknown)} distinct colours) are not CelebAMask-HQ "
         f"class colours{tol}:\n" + "\n".join(lines) + more + "\n"
         "Paint with the exact class colours (see CLASS_COLORS), use an indexed/grey label PNG, or, for "
-        "lossy (JPEG) or smoothed images, pass tolerance= (e.g. 20) to snap colours to the nearest class colour."
+        "lossy (JPEG) or smoothed images, allow a colour tolerance (e.g. 20) to snap colours to the nearest class "
+        "colour: --mask-tolerance 20 on the command line, tolerance=20 in Python, the 'tolerance' input of "
+        "Collaborative Mask Encode in ComfyUI."
     )

@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from .checkpoint import read_checkpoint_metadata, read_state_dict
-from .errors import BranchMismatchError, CheckpointError
+from .errors import BranchMismatchError, CheckpointError, ConfigError
 from .fusion import InfluenceConfig
 from .layout import CheckpointParts, split_checkpoint
 from .mask_encoder import MaskEncoder
@@ -165,9 +165,22 @@ def demo_defaults(bundle: Optional[Path | str] = None) -> dict:
     out = {"text": info.get("default_text")}
     if info.get("default_mask"):
         out["mask"] = d / info["default_mask"]
-    if info.get("sampling", {}).get("x0_threshold"):
-        out["x0_threshold"] = float(info["sampling"]["x0_threshold"])
+    sampling = info.get("sampling", {})
+    if sampling.get("x0_threshold"):
+        out["x0_threshold"] = float(sampling["x0_threshold"])
+    if sampling.get("influence"):
+        out["influence"] = str(sampling["influence"]).replace("-", " ")
     return out
+
+
+def influence_named(name: str) -> InfluenceConfig:
+    """The fusion a bundle or a user names: ``reference`` (the authors' sampler) or ``plain softmax``."""
+    key = name.replace("-", " ").replace("_", " ").strip().lower()
+    if key == "reference":
+        return InfluenceConfig.reference()
+    if key in ("plain softmax", "plain"):
+        return InfluenceConfig.plain()
+    raise ConfigError(f"unknown fusion {name!r}: use 'reference' (the authors' sampler) or 'plain-softmax'")
 
 
 @dataclass
@@ -256,16 +269,22 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
 
     ``checkpoints`` is a directory searched by the official names; explicit paths override what it finds.
     ``image_size`` is the output size in pixels (default: the native size of the VAE, 512 or 256).
+    ``dtype``: the networks' type, a torch dtype or ``"float32"`` (default), ``"bfloat16"``, ``"float16"``,
+    ``"auto"`` (:func:`collab_core.precision.resolve_dtype`; sampling arithmetic stays float32, docs/precision.md).
     """
+    from .precision import resolve_dtype
+
+    dtype = resolve_dtype(dtype, device)
+    from .validation import existing_dir, existing_file
+
     files: dict[str, Path] = {}
     if checkpoints is not None:
-        files.update(find_checkpoints(checkpoints, prefix))
+        files.update(find_checkpoints(existing_dir("checkpoints", checkpoints), prefix))
     for role, given in (("text", text_model), ("mask", mask_model), ("vae", vae), ("collaborative", diffuser)):
         if given is not None:
-            given = Path(given)
-            if not given.is_file():
-                raise CheckpointError(f"{role} checkpoint {given} does not exist")
-            files[role] = given
+            files[role] = existing_file({"collaborative": "diffuser"}.get(role, role) + "_model"
+                                        if role in ("text", "mask") else {"collaborative": "diffuser"}.get(role, role),
+                                        given, "checkpoint file")
     if not files:
         if checkpoints is None:
             for d in DEFAULT_SEARCH_DIRS:
@@ -279,9 +298,13 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
             if demo is not None:
                 log.warning("no checkpoints given or found in ./pretrained or ./checkpoints: using the tiny demo "
                             "models bundled with the pack (synthetic faces, %s). %s", demo, WHERE_TO_GET)
+                defaults = demo_defaults(demo)
+                if influence is None and defaults.get("influence"):  # the fusion the demo was evaluated with
+                    influence = influence_named(defaults["influence"])
                 pipe = load_pipeline(demo, configs=configs, device=device, dtype=dtype, influence=influence,
                                      image_size=image_size, use_diffusers=use_diffusers)
                 pipe.is_demo = True
+                pipe.x0_threshold = defaults.get("x0_threshold")
                 return pipe
         looked = str(checkpoints) if checkpoints is not None else " or ".join(f"./{d}" for d in DEFAULT_SEARCH_DIRS)
         raise CheckpointError(

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import BranchMismatchError, ConditioningError, ConfigError
+from .errors import BranchMismatchError, ConditioningError, ConfigError, NumericalError
 from .fusion import FusionResult, InfluenceConfig, fuse, weights_to_logits
 from .images import save_images, save_influence, to_uint8
 from .sampling import NoiseSampler, initial_latent, sample_ddim, thresholded
@@ -25,6 +25,26 @@ from .schedule import ddim_schedule, make_alphas_cumprod
 def unet_eps(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """A diffusers UNet's prediction for latent ``x`` at timesteps ``t`` attending to ``context``."""
     return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def network_eps(net: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """:func:`unet_eps` of a network in any dtype: inputs cast to the network's weights' dtype, the output to
+    float32 (float64 when ``x`` is float64): a no-op for float32 networks."""
+    dtype = next(net.parameters()).dtype
+    out = unet_eps(net, x.to(dtype), t, context.to(dtype))
+    return out.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def _check_finite(fused: torch.Tensor, parts: list, t: torch.Tensor) -> None:
+    """Stop at the first step whose prediction is not finite, naming the network that produced it (one check of
+    the fused result per step; the culprit is looked for only then)."""
+    if bool(torch.isfinite(fused).all()):
+        return
+    culprit = next((name for name, v in parts if not bool(torch.isfinite(v).all())), "the fusion")
+    raise NumericalError(
+        f"{culprit} produced NaN or infinite values at timestep {int(t.reshape(-1)[0])}; sampling stopped and nothing "
+        "was written. The weights may be damaged (load the file again), or the input is far outside what the model "
+        "was trained on (check the mask and caption); in float16 try float32")
 
 
 @dataclass
@@ -81,6 +101,9 @@ class CollaborativePipeline:
         self.alphas_cumprod = alphas_cumprod if alphas_cumprod is not None else make_alphas_cumprod()
         self.influence = influence if influence is not None else InfluenceConfig.reference()
         self.latent_size = int(latent_size)
+        #: The x0 threshold ``generate`` applies when none is passed: off for the official models (as the
+        #: reference); a bundle that records one (the demo's demo.json) sets it. An explicit argument always wins.
+        self.x0_threshold: Optional[float] = None
         self._check_branches()
 
     # ----------------------------------------------------------------- construction
@@ -113,6 +136,12 @@ class CollaborativePipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.branches[0].unet.parameters()).dtype
+
+    @property
+    def sample_dtype(self) -> torch.dtype:
+        """The dtype of the latent, the fusion and the DDIM update: float32 for float32/bfloat16/float16 networks
+        (float64 networks keep float64)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     @property
     def latent_channels(self) -> int:
@@ -161,24 +190,34 @@ class CollaborativePipeline:
 
         ``spatial[name]`` is an optional non-negative weight map (B or 1, 1, h, w) or scalar that multiplies that
         branch's influence (a painted override); branches without a dynamic diffuser use it alone.
+
+        Precision: each network sees ``x`` and its context cast to its own weights' dtype (float32, bfloat16 or
+        float16, :mod:`collab_core.precision`) and its output is cast back to float32 (float64 stays float64), so
+        the influence softmax, the schedule/boost shaping and Σ wᵢ·εᵢ run in float32 whatever the networks run in:
+        a softmax over two logits in bfloat16 (8 bits of mantissa) would quantise the weights to ~0.4 % steps, and
+        the fused ε feeds the DDIM update, whose x0 = (x − √(1−ᾱ)·ε)/√ᾱ divides by √ᾱ ≈ 0.07 at the first steps,
+        amplifying any rounding of ε fourteenfold. In float32 every cast is a no-op (bit-exact parity).
         """
         active = [b for b in self.branches if b.name in contexts]
         if not active:
             raise ConditioningError(f"no conditions given; this pipeline's branches are {self.names}")
-        eps = [unet_eps(b.unet, x, t, contexts[b.name]) for b in active]
+        eps = [network_eps(b.unet, x, t, contexts[b.name]) for b in active]
         if len(active) == 1:
+            _check_finite(eps[0], [(f"the {active[0].name} UNet", eps[0])], t)
             return StepOutput(eps=eps[0], eps_branches=eps, logits=[], fusion=None)
         logits = []
         for b in active:
             if b.diffuser is not None:
-                logit = unet_eps(b.diffuser, x, t, contexts[b.name])
+                logit = network_eps(b.diffuser, x, t, contexts[b.name])
             else:
-                logit = torch.zeros((x.shape[0], 1) + tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
+                logit = torch.zeros((x.shape[0], 1) + tuple(x.shape[2:]), device=x.device, dtype=eps[0].dtype)
             if spatial and b.name in spatial and spatial[b.name] is not None:
-                w = torch.as_tensor(spatial[b.name], device=x.device, dtype=x.dtype)
+                w = torch.as_tensor(spatial[b.name], device=x.device, dtype=logit.dtype)
                 logit = logit + weights_to_logits(w).expand_as(logit)
             logits.append(logit)
         result = fuse(eps, logits, [b.name for b in active], t, influence or self.influence)
+        _check_finite(result.eps, [(f"the {b.name} UNet", e) for b, e in zip(active, eps)] +
+                      [(f"the {b.name} dynamic diffuser", g) for b, g in zip(active, logits)], t)
         return StepOutput(eps=result.eps, eps_branches=eps, logits=logits, fusion=result)
 
     # ----------------------------------------------------------------- sampling
@@ -202,7 +241,8 @@ class CollaborativePipeline:
             generator.manual_seed(int(seed) if seed is not None else torch.seed())
         size = latent_size or self.latent_size
         if x_T is None:
-            x_T = initial_latent((batch, self.latent_channels, size, size), generator, self.device, self.dtype)
+            # the latent stays float32 (the DDIM update and threshold run in it); networks get a cast copy (step)
+            x_T = initial_latent((batch, self.latent_channels, size, size), generator, self.device, self.sample_dtype)
         schedule = ddim_schedule(self.alphas_cumprod, steps, eta)
         recorded: dict[str, list[torch.Tensor]] = {}
 
@@ -233,15 +273,25 @@ class CollaborativePipeline:
 
     def generate(self, text: Optional[str] = None, mask: Any = None, *, conditions: Optional[Mapping[str, Any]] = None,
                  batch: int = 1, steps: int = 50, eta: float = 1.0, seed: Optional[int] = None,
-                 progress: bool = True, **sample_kwargs) -> GenerationResult:
-        """Encode, sample and decode. Give the conditions of the branches to use (one → uni-modal sampling)."""
+                 progress: bool = True, x0_threshold: Optional[float] = None, **sample_kwargs) -> GenerationResult:
+        """Encode, sample and decode. Give the conditions of the branches to use (one → uni-modal sampling).
+
+        The fusion (``influence``) and ``x0_threshold`` default to the pipeline's own (the reference's for the
+        official models, the recorded ones for a bundle such as the demo); pass them to choose (0 = no threshold).
+        Arguments are checked before any work: a wrong type or range raises :class:`InputError`."""
+        from .validation import check_generate_arguments
+
         raw = dict(conditions or {})
         if text is not None:
             raw["text"] = text
         if mask is not None:
             raw["mask"] = mask
+        check_generate_arguments(raw, batch=batch, steps=steps, eta=eta, seed=seed, x0_threshold=x0_threshold)
+        if x0_threshold is None:
+            x0_threshold = self.x0_threshold
         contexts = self.encode(raw, batch=batch)
-        z, maps, timesteps = self.sample(contexts, steps=steps, eta=eta, seed=seed, progress=progress, **sample_kwargs)
+        z, maps, timesteps = self.sample(contexts, steps=steps, eta=eta, seed=seed, progress=progress,
+                                         x0_threshold=x0_threshold or None, **sample_kwargs)
         decoded = self.decode(z)
         return GenerationResult(images=to_uint8(decoded), latents=z, decoded=decoded, influence=maps,
                                 timesteps=timesteps)

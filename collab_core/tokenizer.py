@@ -96,6 +96,11 @@ class TextTokenizer:
                     f"text {texts[row]!r} has no tokens after normalisation (only control or unprintable "
                     "characters); describe the face in words"
                 )
+            if all(i == UNK_ID for i in ids[1:-1]):
+                raise ConditioningError(
+                    f"text {texts[row]!r} has no word the text model knows (every token is unknown: emoji or "
+                    "symbols only); describe the face in English words"
+                )
             if len(ids) > self.max_length:
                 self._warn_truncated(text, enc)
                 ids = ids[: self.max_length - 1] + [SEP_ID]

@@ -8,10 +8,12 @@ host shows "[node] what is wrong and the fix" instead of a traceback; node code 
 
 from __future__ import annotations
 
+import math
+
 from comfy_api.latest import ComfyExtension, io
 
 from ..collab_core.errors import CollabError
-from .adapters import CATEGORY, node_error
+from .adapters import CATEGORY, CollabNodeError, node_error
 
 # The pack's own socket types (plain strings on the wire, so saved workflows keep connecting).
 Branches = io.Custom("COLLAB_BRANCHES")
@@ -36,6 +38,9 @@ class CollabNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, **inputs) -> io.NodeOutput:
+        for name, value in inputs.items():  # the host's min/max checks let NaN through (every comparison is False)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise CollabNodeError(cls.NAME, f"'{name}' = {value} is not a finite number; type a number")
         try:
             out = cls.run(**inputs)
         except CollabError as err:

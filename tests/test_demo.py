@@ -41,7 +41,9 @@ def test_load_pipeline_falls_back_to_the_demo(tmp_path, monkeypatch):
     pipe = load_pipeline()
     assert getattr(pipe, "is_demo", False) and pipe.names == ["mask", "text"]
     assert all(b.diffuser is not None for b in pipe.branches)
-    assert set(demo_defaults()) == {"text", "mask", "x0_threshold"}
+    assert set(demo_defaults()) == {"text", "mask", "x0_threshold", "influence"}
+    # the pipeline carries the demo's own sampling settings, so the Python API gets them without arguments
+    assert pipe.x0_threshold == demo_defaults()["x0_threshold"] and not pipe.influence.branches
 
 
 def test_generate_without_arguments_uses_the_demo(tmp_path, monkeypatch, capsys):

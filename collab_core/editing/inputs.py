@@ -186,7 +186,7 @@ def encode_image(pipe, image: torch.Tensor, *, sample: bool = True, seed: Option
             generator = torch.Generator("cpu").manual_seed(int(seed if seed is not None else 0))
         noise = torch.randn(z.shape, generator=generator, dtype=torch.float32, device=generator.device)
         z = z + dist.std * noise.to(device=z.device, dtype=z.dtype)
-    return (pipe.scale_factor * z).to(dtype=pipe.dtype)
+    return (pipe.scale_factor * z).to(dtype=pipe.sample_dtype)  # float32 latent whatever the networks' dtype
 
 
 # ------------------------------------------------------------------------------------------------ the region

@@ -130,3 +130,13 @@ def test_a_vae_less_file_blocks_the_vae_output_with_a_message(host):
     model, enc, vae = call(host, "CollabUnimodalLoader", ckpt_name="novae_text.safetensors", modality="auto",
                            config="auto", heads=4)
     assert isinstance(vae, ExecutionBlocker) and "Load Collaborative VAE" in vae.message
+
+
+def test_a_number_that_is_not_finite_is_refused_by_the_node(host):
+    # the host's min/max validation lets NaN through (every comparison with NaN is False); the node refuses it
+    g = collaborative_graph(host.mask_name, steps=4, batch=1, size=64)
+    g["b0"]["inputs"]["strength"] = float("nan")
+    e = exec_error(host.run(g))
+    assert e["node_type"] == "CollabBranch"
+    assert e["exception_message"].startswith("[Collaborative Branch]") and "'strength' = nan" in e["exception_message"]
+    assert "Traceback" not in e["exception_message"]
