@@ -45,9 +45,10 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import CheckpointError, ConditioningError
+from .images import open_picture
 from .masks import CLASS_NAMES, load_mask
 from .validation import number
 
@@ -172,14 +173,7 @@ def read_picture(src: Any) -> np.ndarray:
     name = None
     if isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
-        try:
-            with Image.open(src) as img:
-                img.load()
-                src = img
-        except FileNotFoundError:
-            raise ConditioningError(f"picture file not found: {name}") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise ConditioningError(f"cannot read picture {name}: {err}; give a PNG, JPEG or WebP file") from None
+        src = open_picture(src, "picture")
     what = f"picture {name}" if name else "the picture"
     if isinstance(src, Image.Image):
         if src.mode in ("I;16", "I", "F"):

@@ -19,6 +19,23 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.astype(np.uint8)
 
 
+def open_picture(path, what: str = "picture") -> Image.Image:
+    """A picture file, decoded (so a truncated file fails here), or one ConditioningError naming it and the fix."""
+    from PIL import UnidentifiedImageError
+
+    from .errors import ConditioningError
+
+    name = os.fspath(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except FileNotFoundError:
+        raise ConditioningError(f"{what} file not found: {name}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConditioningError(f"cannot read {what} {name}: {err}; give a PNG, JPEG or WebP file") from None
+
+
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.partial")
 

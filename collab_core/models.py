@@ -278,8 +278,13 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
     from .validation import existing_dir, existing_file
 
     files: dict[str, Path] = {}
+    bundle: dict = {}
     if checkpoints is not None:
         files.update(find_checkpoints(existing_dir("checkpoints", checkpoints), prefix))
+        if (Path(checkpoints) / "demo.json").is_file():  # a bundle that records how its models sample best
+            bundle = demo_defaults(checkpoints)
+            if influence is None and bundle.get("influence"):
+                influence = influence_named(bundle["influence"])
     for role, given in (("text", text_model), ("mask", mask_model), ("vae", vae), ("collaborative", diffuser)):
         if given is not None:
             files[role] = existing_file({"collaborative": "diffuser"}.get(role, role) + "_model"
@@ -298,14 +303,8 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
             if demo is not None:
                 log.warning("no checkpoints given or found in ./pretrained or ./checkpoints: using the tiny demo "
                             "models bundled with the pack (synthetic faces, %s). %s", demo, WHERE_TO_GET)
-                defaults = demo_defaults(demo)
-                if influence is None and defaults.get("influence"):  # the fusion the demo was evaluated with
-                    influence = influence_named(defaults["influence"])
-                pipe = load_pipeline(demo, configs=configs, device=device, dtype=dtype, influence=influence,
+                return load_pipeline(demo, configs=configs, device=device, dtype=dtype, influence=influence,
                                      image_size=image_size, use_diffusers=use_diffusers)
-                pipe.is_demo = True
-                pipe.x0_threshold = defaults.get("x0_threshold")
-                return pipe
         looked = str(checkpoints) if checkpoints is not None else " or ".join(f"./{d}" for d in DEFAULT_SEARCH_DIRS)
         raise CheckpointError(
             f"no checkpoints found (looked in {looked} for *_text, *_mask, *_vae and *_codiff_mask_text files, "
@@ -389,5 +388,9 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
         for m in (b.unet, b.diffuser):
             if m is not None:
                 m.eval().requires_grad_(False)
-    return CollaborativePipeline(branches, vae_model, scale_factor, alphas_cumprod, influence=influence,
+    pipe = CollaborativePipeline(branches, vae_model, scale_factor, alphas_cumprod, influence=influence,
                                  latent_size=latent)
+    if bundle:
+        pipe.is_demo = True
+        pipe.x0_threshold = bundle.get("x0_threshold")
+    return pipe

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConditioningError, ConfigError
+from ..images import open_picture
 from ..masks import load_mask
 
 RGB_HELP = "convert it to an 8-bit RGB picture first (e.g. PIL: Image.open(path).convert('RGB').save('photo.png'))"
@@ -51,14 +52,7 @@ def load_image(src: Any) -> torch.Tensor:
     name = None
     if isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
-        try:
-            with Image.open(src) as img:
-                img.load()
-                src = img
-        except FileNotFoundError:
-            raise ConditioningError(f"image file not found: {name}") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise ConditioningError(f"cannot read image {name}: {err}") from None
+        src = open_picture(src, "image")
     what = f"image {name}" if name else "the image"
     if isinstance(src, Image.Image):
         return _from_pil(src, what)
