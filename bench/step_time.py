@@ -8,7 +8,12 @@ Prints, measured in this one run:
   * with --reference DIR (a checkout of the authors' code, optional): the reference's step on the same
     weights and inputs, the largest difference between the two fused predictions and our speed-up.
 
-    python bench/step_time.py [--device cpu|cuda] [--batch 1] [--repeat 3] [--half] [--reference DIR]
+    python bench/step_time.py [--device cpu|cuda] [--batch 1] [--repeat 3] [--dtypes float32,bfloat16]
+                              [--channels-last] [--no-vae] [--reference DIR]
+
+With several --dtypes: a table of each dtype's step, floor and VAE decode, the speed-up over the first, the
+fused eps's relative error to the first and peak memory; the last line is ``bfloat16 vs float32: xN.NN per
+collaborative step``.
 """
 
 from __future__ import annotations
@@ -117,68 +122,154 @@ def reference_step_fn(ref_dir: Path, nets: dict, x, t, ctx, device):
     return label, step
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--half", action="store_true")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--reference", type=Path, default=None, help="checkout of the authors' repository (optional)")
-    args = ap.parse_args(argv)
+def official_vae(device, dtype, seed: int = 5):
+    """The official 512 KL-VAE architecture (f8, 3 latent channels), random weights."""
+    from diffusers import AutoencoderKL
+
+    from collab_core.vae import VAEConfig
+
+    torch.manual_seed(seed)
+    cfg = VAEConfig(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                    latent_channels=3)
+    return AutoencoderKL(**cfg.diffusers_kwargs()).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def peak_memory(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on the GPU"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB max RSS"
+
+
+def run_one(args, dtype: torch.dtype, emit=print) -> dict:
+    """Time one dtype: the four bare forwards, the collaborative step, the VAE decode; returns the numbers."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = torch.float16 if args.half else torch.float32
-
     nets = {
         "mask_unet": random_network("unet", device, dtype, 1),
         "text_unet": random_network("unet", device, dtype, 2),
         "mask_diffuser": random_network("diffuser", device, dtype, 3),
         "text_diffuser": random_network("diffuser", device, dtype, 4),
     }
+    if args.channels_last:
+        for net in nets.values():
+            net.to(memory_format=torch.channels_last)
     pipe = CollaborativePipeline(
         [Branch("mask", nets["mask_unet"], _Encoder(), nets["mask_diffuser"]),
          Branch("text", nets["text_unet"], _Encoder(), nets["text_diffuser"])],
         vae=None, scale_factor=0.141, influence=InfluenceConfig.reference())
     g = torch.Generator().manual_seed(0)
     b = args.batch
-    x = torch.randn(b, 3, 64, 64, generator=g).to(device, dtype)
+    # the latent is float32 whatever the networks run in (CollaborativePipeline.step casts at each network's input)
+    x = torch.randn(b, 3, 64, 64, generator=g).to(device)
     t = torch.full((b,), 501, dtype=torch.long, device=device)
     ctx = {"mask": torch.randn(b, 19, 640, generator=g).to(device, dtype),
            "text": torch.randn(b, 77, 640, generator=g).to(device, dtype)}
-
+    xn = x.to(dtype)
+    if args.channels_last:
+        xn = xn.contiguous(memory_format=torch.channels_last)
+    out = {"dtype": str(dtype).split(".")[-1]}
     with torch.inference_mode():
         pipe.step(x, t, ctx)  # warm-up (allocator, kernels)
         bare = {}
         for name, net in nets.items():
             c = ctx[name.split("_")[0]]
-            bare[name] = timed(lambda: unet_eps(net, x, t, c), device, args.repeat)
+            bare[name] = timed(lambda: unet_eps(net, xn, t, c), device, args.repeat)
         step = timed(lambda: pipe.step(x, t, ctx), device, args.repeat)
         floor = sum(bare.values())
+        out.update(bare=bare, floor=floor, step=step, eps=pipe.step(x, t, ctx).eps.float().cpu())
 
-        print(f"device {device}, dtype {str(dtype).split('.')[-1]}, batch {b}, threads {torch.get_num_threads()}, "
-              f"median of {args.repeat}")
+        emit(f"device {device}, dtype {out['dtype']}, batch {b}, threads {torch.get_num_threads()}, "
+             f"median of {args.repeat}" + (", channels-last" if args.channels_last else ""))
         for name, s in bare.items():
-            print(f"  bare forward {name:14s} {s * 1000:9.1f} ms")
-        print(f"floor (sum of the four bare forwards) {floor * 1000:9.1f} ms")
-        print(f"collaborative step                    {step * 1000:9.1f} ms")
-        print(f"fusion overhead                       {100 * (step / floor - 1):+8.2f} %  (step / floor = {step / floor:.4f})")
-        if device.type == "cuda":
-            print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on the GPU")
-        else:
-            print(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB max RSS")
+            emit(f"  bare forward {name:14s} {s * 1000:9.1f} ms")
+        emit(f"floor (sum of the four bare forwards) {floor * 1000:9.1f} ms")
+        emit(f"collaborative step                    {step * 1000:9.1f} ms")
+        emit(f"fusion overhead                       {100 * (step / floor - 1):+8.2f} %  (step / floor = {step / floor:.4f})")
+        out["peak"] = peak_memory(device)
+        emit(f"peak memory: {out['peak']}")
 
-        if args.reference is not None:
-            ours = pipe.step(x, t, ctx).eps
+        if args.vae:
+            del pipe, nets
+            gc.collect()
+            vae = official_vae(device, dtype)
+            z = torch.randn(b, 3, 64, 64, generator=g).to(device, dtype)
+            vae.decode(z)
+            out["vae"] = timed(lambda: vae.decode(z), device, max(1, args.repeat - 1))
+            emit(f"VAE decode 64x64 latent -> {8 * 64} px   {out['vae'] * 1000:9.1f} ms")
+            del vae
+
+        if args.reference is not None and dtype == torch.float32:
+            ours = out["eps"]
+            nets = {"mask_unet": random_network("unet", device, dtype, 1),
+                    "text_unet": random_network("unet", device, dtype, 2),
+                    "mask_diffuser": random_network("diffuser", device, dtype, 3),
+                    "text_diffuser": random_network("diffuser", device, dtype, 4)}
             gc.collect()
             label, ref_step = reference_step_fn(args.reference, nets, x, t, ctx, device)
             theirs = ref_step()
-            diff = (ours.float() - theirs.float()).abs().max().item()
+            diff = (ours.float() - theirs.float().cpu()).abs().max().item()
             ref_time = timed(ref_step, device, args.repeat)
-            print(f"{label}: {ref_time * 1000:9.1f} ms")
-            print(f"max |ours - reference| of the fused eps: {diff:.2e}")
-            print(f"speed-up over the reference: x{ref_time / step:.2f}")
+            emit(f"{label}: {ref_time * 1000:9.1f} ms")
+            emit(f"max |ours - reference| of the fused eps: {diff:.2e}")
+            emit(f"speed-up over the reference: x{ref_time / step:.2f}")
+    return out
+
+
+def _child(args, name, queue):
+    from collab_core.precision import resolve_dtype
+
+    res = run_one(args, resolve_dtype(name, args.device), emit=lambda s: print(s, flush=True))
+    res["eps"] = res["eps"].numpy()  # plain pickling: a tensor would be shared by a file descriptor that dies with us
+    queue.put(res)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dtypes", default="float32",
+                    help="comma-separated: float32,bfloat16,float16,auto (each in its own process, so that peak "
+                         "memory is per dtype); the first is the baseline of the speed-ups")
+    ap.add_argument("--half", dest="dtypes", action="store_const", const="float16", help="= --dtypes float16")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="networks and input in channels-last layout (measured slower on the 2-core AVX512-BF16 "
+                         "CPU, see docs/precision.md; off by default)")
+    ap.add_argument("--no-vae", dest="vae", action="store_false", help="skip the VAE decode timing")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reference", type=Path, default=None, help="checkout of the authors' repository (optional)")
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.dtypes.split(",") if n.strip()]
+    import multiprocessing as mp
+
+    results = []
+    ctx = mp.get_context("spawn")
+    for name in names:
+        if len(names) == 1:
+            from collab_core.precision import resolve_dtype
+
+            results.append(run_one(args, resolve_dtype(name, args.device)))
+            break
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(args, name, queue))
+        proc.start()
+        results.append(queue.get())
+        proc.join()
+        print(flush=True)
+    if len(results) > 1:
+        base = results[0]
+        print(f"{'dtype':10s} {'step ms':>9s} {'floor ms':>9s} {'VAE ms':>9s}  {'step x':>7s} {'floor x':>7s} "
+              f"{'VAE x':>7s}  {'fused eps rel. err':>18s}  peak memory")
+        for r in results:
+            e, e0 = torch.as_tensor(r["eps"]), torch.as_tensor(base["eps"])
+            err = ((e - e0).norm() / e0.norm()).item()
+            vae = r.get("vae", float("nan"))
+            print(f"{r['dtype']:10s} {r['step'] * 1000:9.1f} {r['floor'] * 1000:9.1f} {vae * 1000:9.1f}  "
+                  f"x{base['step'] / r['step']:6.2f} x{base['floor'] / r['floor']:6.2f} "
+                  f"x{base.get('vae', float('nan')) / vae:6.2f}  {err:18.2e}  {r['peak']}")
+        for r in results[1:]:
+            print(f"{r['dtype']} vs {base['dtype']}: x{base['step'] / r['step']:.2f} per collaborative step")
 
 
 if __name__ == "__main__":
