@@ -181,3 +181,20 @@ def test_models_use_the_hosts_patcher_class_and_sample_alike_with_each(host, mon
     assert all(built.count(b) >= 4 for b in classes), built
     for other in latents[1:]:
         assert torch.equal(latents[0], other)
+
+
+def test_branch_models_and_diffusers_load_and_free_through_the_hosts_model_management(host):
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    r = host.run(collaborative_graph(host.mask_name, steps=2, eta=0.0))
+    _latent(r)
+    ours = [r.outputs["t"][0][0], r.outputs["m"][0][0]] + list(r.outputs["d"][0][0].patchers.values())
+    loaded = [lm.model for lm in mm.current_loaded_models if lm.model is not None]
+    # one load_models_gpu call of the sampler brought in the primary and its additional models (the other
+    # branch and both dynamic diffusers): all four are the host's loaded models now
+    for m in ours:
+        assert any(m.is_clone(x) for x in loaded), f"{m.model.collab_info.modality} {m.model.collab_info.role} " \
+                                                   "was not loaded by the host"
+    mm.unload_all_models()
+    assert not [lm for lm in mm.current_loaded_models if any(m.is_clone(lm.model) for m in ours if lm.model)]
