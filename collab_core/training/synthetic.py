@@ -293,16 +293,32 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = 0, split: str = "trai
     """Write ``n`` samples as ``images/NNNNNN.png``, ``masks/NNNNNN.png`` (indexed, CelebAMask-HQ palette) and
     ``metadata.jsonl`` (one ``{"image", "mask", "text", "attributes"}`` per line) — the folder format that
     :class:`collab_core.training.data.FolderDataset` reads, so user data in the same format trains the same way."""
+    import os
+    import shutil
+
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    with open(out / "metadata.jsonl", "w", encoding="utf-8") as fh:
-        for i, s in enumerate(SyntheticFaces(n, seed, split, size)):
-            name = f"{i:06d}.png"
-            Image.fromarray(s.image).save(out / "images" / name)
-            labels_to_palette_image(s.labels).save(out / "masks" / name)
-            fh.write(json.dumps({"image": f"images/{name}", "mask": f"masks/{name}", "text": s.caption,
-                                 "attributes": s.attributes}) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built in a sibling folder and moved into place at the end: a run that fails or is interrupted leaves OUT as
+    # it was (an earlier data set in it stays whole).
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "masks").mkdir()
+        with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as fh:
+            for i, s in enumerate(SyntheticFaces(n, seed, split, size)):
+                name = f"{i:06d}.png"
+                Image.fromarray(s.image).save(tmp / "images" / name)
+                labels_to_palette_image(s.labels).save(tmp / "masks" / name)
+                fh.write(json.dumps({"image": f"images/{name}", "mask": f"masks/{name}", "text": s.caption,
+                                     "attributes": s.attributes}) + "\n")
+        out.mkdir(exist_ok=True)
+        for part in ("images", "masks", "metadata.jsonl"):
+            if (out / part).is_dir():
+                shutil.rmtree(out / part)
+            os.replace(tmp / part, out / part)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
