@@ -140,7 +140,7 @@ class CollabLoadFaceMask(CollabNode):
 
 
 class CollabFaceMaskPreview(CollabNode):
-    """Show a label map in the CelebAMask-HQ colours (19 classes: """ + ", ".join(CLASS_NAMES) + ")."
+    __doc__ = "Show a label map in the CelebAMask-HQ colours (19 classes: " + ", ".join(CLASS_NAMES) + ")."
 
     NODE_ID = "CollabFaceMaskPreview"
     NAME = "Face Mask Preview"

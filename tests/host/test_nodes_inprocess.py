@@ -340,3 +340,17 @@ def test_progress_and_live_previews_for_every_step(host):
     assert [s[0] for s in steps] == [1, 2, 3, 4]
     assert all(s[2] is not None and s[2][0] == "JPEG" for s in steps), steps  # a preview image with every step
     assert latent_preview is not None and r.success
+
+
+def test_every_node_is_a_v3_node_with_a_tooltip_on_every_input(host):
+    from comfy_api.latest import io
+
+    for name in host.pack_nodes:
+        cls = host.mappings[name]
+        assert issubclass(cls, io.ComfyNode), name
+        schema = cls.GET_SCHEMA()
+        assert schema.node_id == name and schema.display_name and schema.description, name
+        for inp in schema.inputs:
+            assert inp.tooltip and inp.tooltip.strip(), f"{name}.{inp.id} has no tooltip"
+        for out in schema.outputs:
+            assert out.tooltip, f"{name} output {out.display_name or out.io_type} has no tooltip"
