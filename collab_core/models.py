@@ -285,11 +285,10 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
             bundle = demo_defaults(checkpoints)
             if influence is None and bundle.get("influence"):
                 influence = influence_named(bundle["influence"])
-    for role, given in (("text", text_model), ("mask", mask_model), ("vae", vae), ("collaborative", diffuser)):
+    for role, name, given in (("text", "text_model", text_model), ("mask", "mask_model", mask_model),
+                              ("vae", "vae", vae), ("collaborative", "diffuser", diffuser)):
         if given is not None:
-            files[role] = existing_file({"collaborative": "diffuser"}.get(role, role) + "_model"
-                                        if role in ("text", "mask") else {"collaborative": "diffuser"}.get(role, role),
-                                        given, "checkpoint file")
+            files[role] = existing_file(name, given, "checkpoint file")
     if not files:
         if checkpoints is None:
             for d in DEFAULT_SEARCH_DIRS:
