@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import ConditioningError
 
@@ -142,14 +142,9 @@ def describe_labels(labels: Any) -> dict[str, float]:
 
 
 def _open_image(path: str | os.PathLike) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img
-    except FileNotFoundError:
-        raise ConditioningError(f"mask file not found: {os.fspath(path)}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ConditioningError(f"cannot read mask image {os.fspath(path)}: {err}") from None
+    from .images import open_picture
+
+    return open_picture(path, "mask")
 
 
 def _from_pil(img: Image.Image, tolerance: float | None) -> LabelMap:
