@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe what a checkpoint holds")
     info.add_argument("input", type=Path)
 
+    pf = sub.add_parser("parse-face", help="parse a face picture into the 19-class label map (indexed PNG + preview)")
+    pf.add_argument("image", type=Path, metavar="IMG", help="the picture (PNG, JPEG or WebP, any size)")
+    pf.add_argument("--parser", type=Path, default=None, metavar="DIR",
+                    help="Segformer face-parser folder (config.json, model.safetensors, preprocessor_config.json); "
+                         "default: the bundled demo parser (synthetic faces only)")
+    pf.add_argument("--out-mask", type=Path, required=True, metavar="MASK.png",
+                    help="where the label map goes: an indexed PNG in the CelebAMask-HQ palette, the picture's size; "
+                         "a colour preview is written beside it as MASK_preview.png")
+
     from .training.cli import add_training_commands
 
     add_training_commands(sub)
@@ -246,11 +255,37 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_parse_face(args) -> int:
+    from .face_parsing import FaceParser, FaceParserError, demo_parser_dir
+    from .images import save_png_atomic
+    from .masks import colorize_labels, describe_labels, labels_to_palette_image
+
+    folder = args.parser
+    if folder is None:
+        folder = demo_parser_dir()
+        if folder is None:
+            raise FaceParserError("no --parser given and the bundled demo parser (collab_core/demo/face_parser) is "
+                                  "missing; pass --parser DIR with a Segformer face-parser folder")
+        print("using the bundled demo face parser (tiny, trained on synthetic faces); pass --parser for a real one",
+              file=sys.stderr)
+    parser = FaceParser.from_folder(folder)
+    labels = parser.parse(args.image)  # everything is read and parsed before anything is written
+    out = Path(args.out_mask)
+    preview = out.with_name(f"{out.stem}_preview.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png_atomic(labels_to_palette_image(labels), out)
+    save_png_atomic(colorize_labels(labels), preview)
+    shares = ", ".join(f"{k} {v:.0f} %" for k, v in sorted(describe_labels(labels).items(), key=lambda kv: -kv[1])[:6])
+    print(f"parsed {args.image} ({labels.shape[1]}×{labels.shape[0]}) -> {out} (+ {preview.name}); {shares}")
+    return 0
+
+
 def main(argv=None) -> int:
     from .validation import check_arguments
 
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "edit": cmd_edit, "convert": cmd_convert, "info": cmd_info}.get(args.command) or args.handler
+    handler = {"generate": cmd_generate, "edit": cmd_edit, "convert": cmd_convert, "info": cmd_info,
+               "parse-face": cmd_parse_face}.get(args.command) or args.handler
     try:
         check_arguments(args)  # every argument, before any model is loaded or anything is written
         return handler(args)

@@ -594,3 +594,15 @@ def face_box(labels: Any, margin: float = 0.2, *, include_body: bool = False) ->
     y = min(max(0, y), H - side)
     return x, y, side, side
 
+
+
+# ------------------------------------------------------------------------------------------- the demo parser
+
+
+def demo_parser_dir() -> Optional[Path]:
+    """The bundled demo face parser (``collab_core/demo/face_parser``: a tiny Segformer trained on the pack's
+    synthetic faces, see the demo README), or ``None`` when the folder or its weights are not there."""
+    folder = Path(__file__).resolve().parent / "demo" / "face_parser"
+    if (folder / "config.json").is_file() and any((folder / f).is_file() for f in _WEIGHT_FILES):
+        return folder
+    return None

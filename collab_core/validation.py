@@ -127,6 +127,18 @@ def writable_dir(name: str, path: Any) -> Path:
     return p
 
 
+def output_png(name: str, path: Any) -> Path:
+    """A PNG file path a result can be written to: ends in .png, is not a folder, and its folder is writable."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{name} = {str(p)!r} is a folder; give the file to write, e.g. {str(p / 'mask.png')!r}")
+    if p.suffix.lower() != ".png":
+        raise InputError(f"{name} = {str(p)!r} must name a .png file (the label map is an indexed PNG), e.g. "
+                         f"{str(p.with_suffix('.png'))!r}")
+    writable_dir(name, p.parent if str(p.parent) not in ("",) else Path("."))
+    return p
+
+
 def picture_file(name: str, path: Any, *, square: bool = False, min_side: int = 1) -> Path:
     """An image file PIL can read, within :data:`MAX_PIXELS`, checked from its header (nothing decoded)."""
     p = existing_file(name, path, "picture")
@@ -278,6 +290,8 @@ RULES: dict[str, list[Rule]] = {
     "out": [Rule(writable_dir)],
     "out_dir": [Rule(writable_dir)],
     "work": [Rule(writable_dir)],
+    "parser": [Rule(existing_dir)],
+    "out_mask": [Rule(output_png)],
 }
 
 
@@ -291,7 +305,9 @@ def check_arguments(args, positionals: tuple = ("input", "out_dir")) -> None:
         value = getattr(args, dest, None)
         if value is None:
             continue
-        name = flag(dest, dest in positionals or (dest == "out" and getattr(args, "command", "") == "make-dataset"))
+        command = getattr(args, "command", "")
+        positional = dest in positionals or (dest, command) in (("out", "make-dataset"), ("image", "parse-face"))
+        name = flag(dest, positional)
         for rule in rules:
             if rule.when(args):
                 for v in value if isinstance(value, list) else [value]:
