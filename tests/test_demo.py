@@ -60,6 +60,7 @@ def test_generate_without_arguments_uses_the_demo(tmp_path, monkeypatch, capsys)
     assert (tmp_path / "out" / "000000_mask_influence.png").is_file()
 
 
+@pytest.mark.slow
 def test_fresh_process_generate_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "collab_core", "generate", "--steps", "4", "--seed", "1", "--out",
                            str(tmp_path / "o")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -91,6 +92,7 @@ def _region_attributes(picture: np.ndarray, labels: np.ndarray) -> dict:
     return found
 
 
+@pytest.mark.slow
 def test_demo_pictures_follow_both_the_mask_and_the_caption():
     from collab_core.fusion import InfluenceConfig
     from collab_core.training.synthetic import caption_for

@@ -108,6 +108,7 @@ def _broken(branch: LoadedBranch) -> LoadedBranch:
     return LoadedBranch(name=branch.name, unet=unet, encoder=branch.encoder, kind=branch.kind)
 
 
+@pytest.mark.slow
 def test_dynamic_diffusers_learn_the_better_branch_and_write_the_collaborative_layout(trained, data, tmp_path):
     train_set, val_set = data
     d = trained["dir"]
@@ -163,6 +164,7 @@ def test_any_number_of_branches_with_any_names(trained, data, tmp_path):
         train_diffusers(train_set, val_set, branches[:1], vae, scale, tmp_path, cfg(2), arch=DIFF, name="n")
 
 
+@pytest.mark.slow
 def test_resuming_gives_the_uninterrupted_weights(trained, data, tmp_path):
     train_set, val_set = data
     d = trained["dir"]
@@ -226,6 +228,7 @@ def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
         TrainConfig(ema_decay=1.0).check()
 
 
+@pytest.mark.slow
 def test_weight_average_is_exported_and_survives_resuming(trained, data, tmp_path):
     """With an EMA the exported weights are the average (not the last raw weights), and a resumed run ends with the
     same average as an uninterrupted one."""
@@ -267,6 +270,7 @@ def test_half_precision_export_keeps_the_noise_schedule_exact(trained, tmp_path)
     assert sd["model.text_unet.diffusion_model.out.2.weight"].dtype == torch.float16
 
 
+@pytest.mark.slow
 def test_build_demo_quick_reproduces_a_whole_bundle(tmp_path):
     """The demo recipe end to end (a few steps of every stage): the bundle it writes loads with no flags and
     records its recipe, stage times, validation losses and sampling setting."""
