@@ -148,12 +148,13 @@ def _influence(args):
     })
 
 
-def _fusion_name(args, pipe) -> object:
-    """What settings.json records of the fusion used."""
-    if args.fusion == "plain-softmax" or (_influence(args) is None and not pipe.influence.branches):
+def _fusion_name(influence) -> object:
+    """What settings.json records of the fusion the pipeline sampled with."""
+    if not influence.branches:
         return "plain-softmax"
-    return {"fusion": "reference", "mask_schedule": args.mask_schedule or "cosine_decay",
-            "mask_scale": 2.0 if args.mask_scale is None else args.mask_scale}
+    mask = influence.for_branch("mask")
+    return {"fusion": "reference", "mask_schedule": mask.schedule,
+            "mask_scale": 1.0 if mask.scale_factor is None else mask.scale_factor}
 
 
 def _load_pipeline(args, device, dtype, image_size):
@@ -212,7 +213,7 @@ def cmd_generate(args) -> int:
     settings = json.dumps({
         "conditions": {k: str(args.mask if k == "mask" else v) for k, v in conditions.items()}, "branches": pipe.names, "steps": args.steps,
         "eta": args.eta, "seed": seed, "batch": args.batch, "device": str(device), "dtype": str(dtype).split(".")[-1],
-        "influence": _fusion_name(args, pipe), "x0_threshold": threshold or None,
+        "influence": _fusion_name(pipe.influence), "x0_threshold": threshold or None,
     }, indent=2, allow_nan=False)  # strict JSON: a NaN would make the file unreadable for other tools
     write_text_atomic(args.out / "settings.json", settings)
     paths.append(args.out / "settings.json")

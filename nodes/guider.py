@@ -25,7 +25,8 @@ import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
 
-from ..collab_core.fusion import InfluenceConfig, fuse
+from ..collab_core.fusion import fuse
+from ..collab_core.models import influence_named
 from ..collab_core.sampling import threshold_x0
 from . import adapters, host
 from .adapters import CollabNodeError
@@ -53,12 +54,6 @@ def host_keywords(function, kwargs: dict) -> dict:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return dict(kwargs)
     return {k: v for k, v in kwargs.items() if k in params}
-
-
-def influence_config(preset: str) -> InfluenceConfig:
-    if preset == "plain softmax":
-        return InfluenceConfig.plain()
-    return InfluenceConfig.reference()
 
 
 def _latent_channels(model) -> int:
@@ -90,7 +85,7 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
         adapters.check_branches(checks, diffuser.modalities if diffuser is not None else None, node)
         self.branches = branches
         self.diffuser = diffuser
-        self.influence = influence_config(influence)
+        self.influence = influence_named(influence)  # the node's preset names are the core's fusion names
         self.cfgs = []
         for b in branches:
             c = float(b.cfg) if b.cfg and b.cfg > 0 else float(cfg)
@@ -143,15 +138,14 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
         own = {k: v for k, v in self.conds.items() if k not in member_keys}
         pending = {k: v for k, v in self.conds.items() if k in member_keys}
         self._member_conds = {}
+        forwarded = host_keywords(comfy.samplers.process_conds, kwargs)
+        shift = latent_image is not None and torch.count_nonzero(latent_image) > 0  # as the host does for its own
         for i, b in enumerate(self.branches[1:], start=1):
             keys = {k: pending[k] for k in (f"positive_{i}", f"negative_{i}") if k in pending}
             base = b.model.model
-            latent = latent_image
-            if latent is not None and torch.count_nonzero(latent) > 0:  # as the host does for its own model
-                latent = base.process_latent_in(latent)
-            self._member_conds[i] = comfy.samplers.process_conds(
-                base, noise, keys, device, latent, denoise_mask, seed, **host_keywords(comfy.samplers.process_conds,
-                                                                                      kwargs))
+            latent = base.process_latent_in(latent_image) if shift else latent_image
+            self._member_conds[i] = comfy.samplers.process_conds(base, noise, keys, device, latent, denoise_mask, seed,
+                                                                 **forwarded)
         self.conds = own
         ms = self.model_patcher.get_model_object("model_sampling")
         self._sigma_ranges = [(float(ms.percent_to_sigma(b.start_percent)), float(ms.percent_to_sigma(b.end_percent)))

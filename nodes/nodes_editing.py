@@ -20,11 +20,10 @@ import comfy.utils
 from ..collab_core.editing import imagic as I
 from ..collab_core.editing import inversion as V
 from ..collab_core.editing.inputs import changed_labels, edit_region
-from ..collab_core.errors import CollabError
-from ..collab_core.schedule import ddim_schedule, make_alphas_cumprod
+from ..collab_core.schedule import ddim_schedule
 from . import adapters, host
 from .adapters import CATEGORY, CollabNodeError
-from .samplers import ddpm_job, uniform_sigmas
+from .samplers import alphas_cumprod, ddpm_job, discrete_schedule, uniform_sigmas
 from .schema import SEED_MAX, CollabNode, Inversion, io
 
 EDIT_CATEGORY = CATEGORY + "/editing"
@@ -35,12 +34,8 @@ def _forward(unet, x, t, context):
     return unet(x, timesteps=t, context=context)
 
 
-def _alphas_cumprod(model) -> torch.Tensor:
-    ms = model.get_model_object("model_sampling")
-    if not hasattr(ms, "linear_start"):
-        raise CollabError("the model does not use a discrete DDPM schedule; editing needs a Collaborative Diffusion "
-                          "(LDM) model")
-    return make_alphas_cumprod(ms.linear_start, ms.linear_end, int(ms.num_timesteps))
+def _alphas_cumprod(model, node: str) -> torch.Tensor:
+    return alphas_cumprod(discrete_schedule(model, node))
 
 
 def _photo_latent(model, latent: dict, node: str) -> torch.Tensor:
@@ -110,7 +105,7 @@ class CollabImagicFineTune(CollabNode):
         info = host.model_info(model)
         adapters.check_context_dim(target, info.context_dim if info else None,
                                    info.modality if info else "model")
-        ac = _alphas_cumprod(model)
+        ac = _alphas_cumprod(model, node)
         if target.shape[0] != 1:
             raise CollabNodeError(node, f"the conditioning holds a batch of {target.shape[0]}; give one condition")
         comfy.model_management.load_models_gpu([model])  # applies the MODEL's own patches to the shared weights
@@ -214,7 +209,7 @@ class CollabDDIMInversion(CollabNode):
         node = cls.NAME
         if not isinstance(latent, dict) or "samples" not in latent or latent["samples"].shape[0] != 1:
             raise CollabNodeError(node, "'latent' must be the LATENT of one photo (VAE Encode)")
-        ac = _alphas_cumprod(guider.model_patcher)
+        ac = _alphas_cumprod(guider.model_patcher, node)
         schedule = ddim_schedule(ac, int(steps), 0.0)
         n = len(schedule)
         start = n - V.steps_for_strength(n, float(strength))

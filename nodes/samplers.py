@@ -26,13 +26,18 @@ from .adapters import CollabNodeError
 NODE = "Reference DDIM Sampler"
 
 
-def discrete_schedule(model, node: str = NODE):
-    """The model_sampling of the MODEL being sampled (object patches respected), checked to be a DDPM schedule."""
-    ms = model.inner_model.model_patcher.get_model_object("model_sampling")
+def discrete_schedule(model_patcher, node: str = NODE):
+    """A MODEL's model_sampling (object patches respected), checked to be a discrete DDPM schedule."""
+    ms = model_patcher.get_model_object("model_sampling")
     if not hasattr(ms, "linear_start") or not hasattr(ms, "sigmas"):
-        raise CollabNodeError(node, "the model does not use a discrete DDPM schedule; this sampler only fits "
-                                    "Collaborative Diffusion (LDM) models")
+        raise CollabNodeError(node, "the model does not use a discrete DDPM schedule; this node needs a "
+                                    "Collaborative Diffusion (LDM) model")
     return ms
+
+
+def alphas_cumprod(ms) -> torch.Tensor:
+    """The schedule's ᾱ as the core computes it (the reference's, bit for bit)."""
+    return make_alphas_cumprod(ms.linear_start, ms.linear_end, int(ms.num_timesteps))
 
 
 def ddpm_denoiser(model, ms, extra_args: dict) -> Denoiser:
@@ -82,10 +87,9 @@ def sample_reference_ddim(model, x, sigmas, extra_args=None, callback=None, disa
     extra_args = dict(extra_args or {})
     if sigmas.shape[-1] < 2:
         return x
-    ms = discrete_schedule(model)
+    ms = discrete_schedule(model.inner_model.model_patcher)
     plan = _reference_plan(ms, sigmas)
-    ac = make_alphas_cumprod(ms.linear_start, ms.linear_end, int(ms.num_timesteps))
-    schedule = ddim_schedule(ac, plan.total_steps, float(eta)).tail(plan.start)
+    schedule = ddim_schedule(alphas_cumprod(ms), plan.total_steps, float(eta)).tail(plan.start)
     noise = raw_noise(model, x, sigmas)
     latent = getattr(model, "latent_image", None)
     # The seed's first draw was the initial noise (the host's prepare_noise); the steps continue its stream.
@@ -128,7 +132,7 @@ def ddpm_job(job: DDPMJob, node: str) -> comfy.samplers.KSAMPLER:
 
     @torch.no_grad()
     def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        ms = discrete_schedule(model, node)
+        ms = discrete_schedule(model.inner_model.model_patcher, node)
         args = dict(extra_args or {})
         args["denoise_mask"] = None
         latent = getattr(model, "latent_image", None)
