@@ -223,6 +223,32 @@ def _num(**kw):
     return lambda name, v: number(name, v, **kw)
 
 
+def crop_spec(name: str, value: Any) -> str:
+    """``auto``, ``none`` or ``x,y,w,h`` (whole numbers); whether the box fits the photo is checked with the photo."""
+    text = str(value).strip().lower()
+    parts = [p.strip() for p in text.split(",")]
+    if text in ("auto", "none") or (len(parts) == 4 and all(p.isdigit() for p in parts)):
+        return text
+    raise InputError(f"{name} = {value!r}: give auto (the face the parser finds), none (the whole photo at its own "
+                     "size) or x,y,w,h in pixels (four whole numbers, e.g. 120,80,512,512)")
+
+
+def paint_item(name: str, value: Any) -> str:
+    """``CLASS=REGION.png`` with a readable picture; the class name is checked against the 19 classes."""
+    cls, sep, path = str(value).partition("=")
+    if not sep or not cls.strip() or not path.strip():
+        raise InputError(f"{name} {value!r}: write CLASS=REGION.png, e.g. {name} hair=strokes.png (white pixels of "
+                         "REGION.png, at the photo's size, take the class)")
+    from .face_parsing import canonical_class
+    from .masks import CLASS_NAMES
+
+    if canonical_class(cls.strip()) is None:
+        raise InputError(f"{name} {value!r}: {cls.strip()!r} is not one of the 19 face classes; use one of: "
+                         f"{', '.join(CLASS_NAMES)}")
+    picture_file(f"{name} {cls.strip()}", path.strip())
+    return str(value)
+
+
 def _int(**kw):
     return lambda name, v: integer(name, v, **kw)
 
@@ -270,7 +296,12 @@ RULES: dict[str, list[Rule]] = {
     "context_dim": [Rule(_int(minimum=1))],
     "text_depth": [Rule(_int(minimum=1))],
     "text_length": [Rule(_int(minimum=3, maximum=512))],
-    "crop": [Rule(_int(minimum=0))],
+    "crop": [Rule(_int(minimum=0), _is("train-vae")), Rule(crop_spec, _is("edit"))],
+    "crop_margin": [Rule(_num(minimum=0, maximum=10, fix="a fraction of the face's size on each side, e.g. 0.2"))],
+    "seam": [Rule(_int(minimum=0, maximum=256, fix="pixels of fade at the edited region's border (0 = hard)"))],
+    "paint_grow": [Rule(_int(minimum=0, maximum=256, fix="pixels to widen the painted strokes by"))],
+    "paint_feather": [Rule(_num(minimum=0, maximum=64, fix="smoothing of the strokes' edges in pixels"))],
+    "paint": [Rule(paint_item)],
     "n": [Rule(_int(minimum=1))],
     "ldm_steps": [Rule(_int(minimum=1))],
     "diffuser_steps": [Rule(_int(minimum=1))],
@@ -283,8 +314,10 @@ RULES: dict[str, list[Rule]] = {
     "diffuser": [Rule(existing_file)],
     "vae": [Rule(existing_file)],
     "input": [Rule(existing_file)],
-    "mask": [Rule(lambda n, v: picture_file(n, v, square=True, min_side=MIN_MASK_SIDE))],
-    "source_mask": [Rule(lambda n, v: picture_file(n, v, square=True, min_side=MIN_MASK_SIDE))],
+    # generate conditions on a square mask; an edit's masks have the photo's size (any shape)
+    "mask": [Rule(lambda n, v: picture_file(n, v, square=True, min_side=MIN_MASK_SIDE), _is("generate")),
+             Rule(lambda n, v: picture_file(n, v, min_side=MIN_MASK_SIDE), _is("edit"))],
+    "source_mask": [Rule(lambda n, v: picture_file(n, v, min_side=MIN_MASK_SIDE))],
     "image": [Rule(picture_file)],
     "region": [Rule(picture_file)],
     "out": [Rule(writable_dir)],

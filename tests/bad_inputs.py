@@ -293,8 +293,8 @@ _add("pictures", "edit --image BOMB", argv=["edit", "--image", "{tmp}/bomb.png",
                                              "{out}"], say="megapixels")
 _add("pictures", "edit --image TEXT_FILE", argv=["edit", "--image", "{tmp}/not_a_picture.png", "--mask",
                                                   "{tmp}/mask.png", "--out", "{out}"], say="not a picture")
-_add("pictures", "edit --mask NON_SQUARE", argv=["edit", "--image", "{tmp}/photo.png", "--mask", "{tmp}/tall_mask.png",
-                                                  "--out", "{out}"], say="not square")
+_add("pictures", "edit --mask OTHER_SIZE", argv=["edit", "--image", "{tmp}/photo.png", "--mask", "{tmp}/tall_mask.png",
+                                                  "--out", "{out}"], say="must have the photo's size")
 
 # captions the text model cannot read
 for label, text in (("empty", ""), ("spaces", "   "), ("emoji only", "😀😀😀"), ("control chars", "\x00\x01\x02"),

@@ -23,13 +23,35 @@ METHODS = ("imagic", "inversion")
 
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("edit")
-    g.add_argument("--image", type=Path, required=True, help="the photo to edit (RGB, the model's size: 512 or 256)")
+    g.add_argument("--image", type=Path, required=True,
+                   help="the photo to edit (RGB, any size: the face is cropped, edited at the model's size and pasted "
+                        "back at full resolution; see --crop)")
     g.add_argument("--mask", type=Path, default=None,
                    help="TARGET face-parsing mask: the photo's mask repainted as wanted (indexed, grey label or "
-                        "CelebAMask-HQ colour PNG, same size as the photo)")
+                        "CelebAMask-HQ colour PNG, same size as the photo); or use --paint")
+    g.add_argument("--paint", action="append", default=[], metavar="CLASS=REGION.png",
+                   help="paint a face class into the photo's mask: white pixels of REGION.png (the photo's size) take "
+                        "CLASS (hair, hat, eye_g, upper_lip, ...); repeatable, applied in order, onto --mask if given, "
+                        "else onto the photo's own mask")
+    g.add_argument("--paint-grow", type=int, default=0, help="widen the painted strokes by N pixels (default 0)")
+    g.add_argument("--paint-feather", type=float, default=0.0,
+                   help="round off the painted strokes' edges (pixels, a Gaussian σ; default 0)")
     g.add_argument("--source-mask", type=Path, default=None,
-                   help="the photo's own mask; the region where --mask differs from it is the edited region "
-                        "(kept elsewhere by --method inversion; used by the metrics)")
+                   help="the photo's own mask; the region where the target differs from it is the edited region "
+                        "(kept elsewhere by --method inversion; used by the metrics). Without it the photo is parsed "
+                        "by --parser (with the demo models: the bundled demo parser)")
+    g.add_argument("--parser", type=Path, default=None, metavar="DIR",
+                   help="Segformer face-parser folder (config.json, model.safetensors, preprocessor_config.json) that "
+                        "parses the photo when no --source-mask is given")
+    g.add_argument("--crop", default=None, metavar="auto|x,y,w,h|none",
+                   help="the face box that is edited: auto (the parsed face plus --crop-margin), x,y,w,h in pixels, or "
+                        "none (edit the whole photo at its own size). Default: none for a photo of the model's size, "
+                        "else auto")
+    g.add_argument("--crop-margin", type=float, default=0.2,
+                   help="with --crop auto: margin around the face, a fraction of its size on each side (default 0.2)")
+    g.add_argument("--seam", type=int, default=8,
+                   help="pixels over which the edit fades in at the border of the edited region when it is pasted "
+                        "back into the photo (default 8)")
     g.add_argument("--text", default=None, help="TARGET caption")
     g.add_argument("--source-text", default=None,
                    help="a caption of the photo (--method inversion inverts with it; default: the target caption, "
@@ -139,37 +161,60 @@ def _fmt(alpha: float) -> str:
     return str(round(alpha, 3))
 
 
-def run_edit(args, load_pipeline, device, dtype, influence) -> int:
-    import numpy as np
-    import torch
+def _parser_for(args, pipe):
+    """The face parser that parses the photo when no --source-mask is given: --parser, or with the demo models
+    the bundled demo parser (trained on the same synthetic faces); None otherwise (a real photo needs a real one)."""
+    from ..face_parsing import FaceParser, demo_parser_dir
 
-    from ..images import to_uint8
-    from ..masks import colorize_labels
-    from . import edit as E
-    from . import imagic as I
-    from .inputs import check_sizes, encode_image, load_image, load_labels, load_region
-    from .metrics import edit_report
+    if args.parser is not None:
+        return FaceParser.from_folder(args.parser)
+    if args.source_mask is None and getattr(pipe, "is_demo", False) and demo_parser_dir() is not None:
+        print("parsing the photo with the bundled demo face parser (synthetic faces, like the demo models)",
+              file=sys.stderr)
+        return FaceParser.from_folder(demo_parser_dir())
+    return None
+
+
+def _check_edit_inputs(args) -> list[tuple[str, str]]:
+    """What can be checked before any model loads: option combinations and the --paint items."""
+    from .photo import parse_paint_option
+
+    paint = [parse_paint_option(p) for p in args.paint]
+    if args.text is None and args.mask is None and not paint:
+        raise ConditioningError("nothing to edit toward: give a target --mask, --paint CLASS=REGION.png and/or --text")
+    if args.source_mask is not None and args.mask is None and not paint:
+        raise ConditioningError("--source-mask needs a target: --mask (the photo's mask repainted as wanted) or "
+                                "--paint CLASS=REGION.png")
+    return paint
+
+
+def run_edit(args, load_pipeline, device, dtype, influence) -> int:
+    """Read and check the inputs, load the models, prepare the photo (parse, paint, crop), edit the crop with the
+    chosen method, paste it back at the photo's resolution, write the pictures, settings and metrics."""
+    from .inputs import native_image_size
+    from .photo import prepare_photo
 
     started = time.perf_counter()
-    progress = sys.stderr.isatty()
-    image = load_image(args.image)
-    H, W = image.shape[-2:]
-    target_mask = load_labels(args.mask, "target mask (--mask)", args.mask_tolerance) if args.mask else None
-    source_mask = (load_labels(args.source_mask, "source mask (--source-mask)", args.mask_tolerance)
-                   if args.source_mask else None)
-    check_sizes(image, {"target mask (--mask)": target_mask, "source mask (--source-mask)": source_mask})
-    if args.text is None and target_mask is None:
-        raise ConditioningError("nothing to edit toward: give a target --mask and/or --text")
-    if source_mask is not None and target_mask is None:
-        raise ConditioningError("--source-mask needs the target --mask (the photo's mask repainted as wanted)")
-    if H != W and args.method == "imagic":
-        raise ConditioningError(f"--method imagic samples square pictures; the photo is {W}×{H}: crop it square")
-    pipe = load_pipeline(image_size=W)
+    paint = _check_edit_inputs(args)
+    parser = None
+    if args.parser is not None:  # a bad parser folder is reported before the models load
+        from ..face_parsing import FaceParser
+        parser = FaceParser.from_folder(args.parser)
+    own_size = str(args.crop).strip().lower() == "none"
+    pipe = load_pipeline(image_size=_photo_width(args.image) if own_size else None)
+    parser = parser or _parser_for(args, pipe)
+    plan = prepare_photo(args.image, native_image_size(pipe), source_mask=args.source_mask, target_mask=args.mask,
+                         paint=paint, parser=parser, crop=args.crop, margin=args.crop_margin, grow=args.paint_grow,
+                         feather=args.paint_feather, mask_tolerance=args.mask_tolerance)
+    crop = plan.crop
+    if crop.shape[0] != crop.shape[1] and args.method == "imagic":
+        raise ConditioningError(f"--method imagic samples square pictures; the photo is {crop.shape[1]}×"
+                                f"{crop.shape[0]}: use --crop auto or a square --crop x,y,w,h")
     target = {}
     if args.text is not None and "text" in pipe.names:
         target["text"] = args.text
-    if target_mask is not None and "mask" in pipe.names:
-        target["mask"] = target_mask
+    if plan.target_labels is not None and "mask" in pipe.names:
+        target["mask"] = plan.crop_target
     if not target:
         raise ConditioningError(f"the loaded branches ({', '.join(pipe.names)}) take none of the given conditions")
     out: Path = args.out
@@ -178,116 +223,12 @@ def run_edit(args, load_pipeline, device, dtype, influence) -> int:
     settings = {"method": args.method, "image": str(args.image), "mask": str(args.mask) if args.mask else None,
                 "source_mask": str(args.source_mask) if args.source_mask else None, "text": args.text,
                 "source_text": args.source_text, "branches": pipe.names, "steps": args.steps, "eta": eta,
-                "seed": args.seed, "device": str(device), "dtype": str(dtype).split(".")[-1]}
-    written: list[Path] = []
-    changed = (source_mask != target_mask) if source_mask is not None else None
-    # The photo's own pixels (rounded: to_uint8 truncates, and 2v/255 − 1 does not always map back to v exactly).
-    photo_u8 = np.clip(np.rint((image[0].permute(1, 2, 0).numpy() + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-    if args.method == "inversion":
-        source = {}
-        if source_mask is not None:
-            source["mask"] = source_mask
-        if args.source_text is not None:
-            source["text"] = args.source_text
-        result = E.edit_by_inversion(
-            pipe, image, target, source, steps=args.steps, strength=args.strength, refine=args.refine,
-            correct=not args.no_correct, preserve=args.preserve == "auto",
-            region=load_region(args.region) if args.region else None, grow=args.grow, feather=args.feather,
-            inside=args.inside, eta=eta,
-            seed=args.seed, posterior=args.posterior, influence=influence, reconstruct=args.reconstruct,
-            progress=progress)
-        settings.update(result.settings)
-        z0 = result.z0
-        vae_u8 = to_uint8(pipe.decode(z0))[0]
-        written.append(_save_png(vae_u8, out / "input_image_reconstructed.png"))
-        torch.save(result.inversion.x_T.cpu(), out / "inverted_x_T.pt")
-        written.append(out / "inverted_x_T.pt")
-        written += result.save(out, influence=True)
-        final = result.images[0]
-        region_px = result.region_pixels()
-        if region_px is not None:
-            written.append(_save_png((region_px * 255).astype(np.uint8), out / "edit_region.png"))
-        if args.paste_back and region_px is not None:
-            m = region_px[..., None]
-            pasted = (m * result.images[0].astype(np.float32) + (1 - m) * photo_u8.astype(np.float32))
-            written.append(_save_png(np.clip(np.rint(pasted), 0, 255).astype(np.uint8), out / "000000_x_0_pasted.png"))
-        if result.reconstruction is not None:
-            err = float((result.reconstruction - z0).abs().max())
-            settings["reconstruction_max_abs_error"] = err
-            written.append(_save_png(to_uint8(pipe.decode(result.reconstruction))[0], out / "inversion_reconstruction.png"))
-            print(f"reconstruction with the source conditions: max |z - z0| = {err:.3g}")
-    else:
-        cfg = I.ImagicConfig(stage1_lr=args.stage1_lr, stage1_iters=args.stage1_iters, stage2_lr=args.stage2_lr,
-                             stage2_iters=args.stage2_iters, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                             gradient_checkpointing=args.gradient_checkpointing)
-        names = [n for n in pipe.names if n in target]
-        if args.edit:
-            wanted = [n.strip() for n in args.edit.split(",") if n.strip()]
-            bad = [n for n in wanted if n not in target]
-            if bad:
-                raise ConfigError(f"--edit {args.edit}: no target condition for {bad}; conditions given: {sorted(target)}")
-            names = wanted
-        alphas = _alphas(args.alpha, names)
-        sweep = _floats(args.alpha_list, I.REFERENCE_ALPHAS, "--alpha-list")
-        collab_sweep = _floats(args.collab_alpha_list, I.COLLABORATIVE_ALPHAS, "--collab-alpha-list")
-        z0 = encode_image(pipe, image, sample=True, seed=args.seed)
-        vae_u8 = to_uint8(pipe.decode(z0))[0]
-        contexts = pipe.encode(target)
-        edits = {}
-        settings.update({"imagic": cfg.__dict__, "edited": names, "alpha": alphas, "sample_seed": args.sample_seed})
-        for name in names:
-            folder = out / f"{name}_edit"
-            folder.mkdir(parents=True, exist_ok=True)
-            written.append(_save_png(vae_u8, folder / "input_image_reconstructed.png"))
-            if name == "mask":
-                written.append(_save_png(colorize_labels(target_mask), folder / "target_mask.png"))
-
-            def uni(emb, unet=None):
-                one = I.single_branch(pipe, name, unet)
-                z, _, _ = one.sample({name: emb.to(pipe.device, pipe.dtype)}, steps=args.steps, eta=eta,
-                                     seed=args.seed, progress=False)
-                return to_uint8(one.decode(z))[0]
-
-            written.append(_save_png(uni(contexts[name]), folder / "A_start_tgtText_origDM.png"))
-            print(f"[{name}] stage A: optimising the embedding ({cfg.stage1_iters} iterations, lr {cfg.stage1_lr:g})")
-            e = I.run_imagic(pipe, name, z0, contexts[name], cfg, work_dir=folder, finetune=False, progress=progress)
-            written.append(_save_png(uni(e.optimized), folder / "A_end_optText_origDM.png"))
-            if not args.no_sweep:
-                for k, a in enumerate(sweep):
-                    written.append(_save_png(uni(e.embedding(a)),
-                                             folder / f"0A_interText_origDM_{k}_alpha={_fmt(a)}.png"))
-            print(f"[{name}] stage B: fine-tuning the UNet ({cfg.stage2_iters} iterations, lr {cfg.stage2_lr:g})")
-            e = I.run_imagic(pipe, name, z0, contexts[name], cfg, work_dir=folder, progress=progress)
-            written.append(_save_png(uni(e.optimized, e.unet), folder / "B_end_optText_optDM.png"))
-            if not args.no_sweep:
-                for k, a in enumerate(sweep):
-                    written.append(_save_png(uni(e.embedding(a), e.unet),
-                                             folder / f"0C_interText_optDM_{k}_alpha={_fmt(a)}.png"))
-            written += [folder / f for f in ("emb_tgt.pt", "emb_opt.pt", "optDM_unet.safetensors", "losses.json")]
-            edits[name] = e
-        others = {k: v for k, v in target.items() if k not in edits}
-        if not args.no_sweep and len(pipe.names) > 1:
-            sub = out / "collaborative_edit" / f"seed={args.sample_seed}"
-            for k, a in enumerate(collab_sweep):
-                r = E.collaborative_edit(pipe, edits, a, conditions=others, seed=args.sample_seed, steps=args.steps,
-                                         eta=eta, batch=args.batch, influence=influence, progress=False)
-                for idx, img in enumerate(r.images):
-                    written.append(_save_png(img, sub / f"{idx:06d}_x_0_{k}_alpha={_fmt(a)}.png"))
-        result = E.collaborative_edit(pipe, edits, alphas, conditions=others, seed=args.sample_seed, steps=args.steps,
-                                      eta=eta, batch=args.batch, influence=influence, progress=progress)
-        written += result.save(out, influence=True)
-        final = result.images[0]
-        region_px = changed.astype(np.float32) if changed is not None else None
-
+                "seed": args.seed, "device": str(device), "dtype": str(dtype).split(".")[-1], **plan.settings()}
+    run = _run_inversion if args.method == "inversion" else _run_imagic
+    final, region_px, vae_u8, written = run(args, pipe, plan, target, eta, influence, settings)
+    written += _write_photo(args, plan, final, region_px, out, settings)
     if not args.no_metrics:
-        report = edit_report(photo_u8, final, region_px, source_mask, target_mask if changed is not None else None,
-                             reference=vae_u8)
-        report["seconds"] = round(time.perf_counter() - started, 2)
-        (out / "metrics.json").write_text(json.dumps(report, indent=2))
-        written.append(out / "metrics.json")
-        summary = ", ".join(f"{k} {v:.3f}" for k, v in report.items() if isinstance(v, float) and k.startswith(("psnr", "ssim")))
-        print(f"metrics: {summary}")
+        written += _write_metrics(args, plan, final, region_px, vae_u8, parser, out, started)
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     written.append(out / "settings.json")
     print(f"edited {args.image} with --method {args.method} ({', '.join(sorted(target))}) in "
@@ -295,6 +236,196 @@ def run_edit(args, load_pipeline, device, dtype, influence) -> int:
     for p in written:
         print(f"  {p}")
     return 0
+
+
+def _photo_width(path) -> int:
+    from ..face_parsing import read_picture
+
+    return int(read_picture(path).shape[1])
+
+
+def _source_conditions(args, plan, target) -> dict:
+    source = {}
+    if "mask" in target and plan.source_labels is not None:
+        source["mask"] = plan.crop_source
+    if args.source_text is not None and "text" in target:
+        source["text"] = args.source_text
+    return source
+
+
+def _run_inversion(args, pipe, plan, target, eta, influence, settings):
+    """--method inversion on the crop: the edit, its region, the VAE reconstruction and the inverted noise."""
+    import numpy as np
+    import torch
+
+    from ..images import to_uint8
+    from . import edit as E
+    from .inputs import load_region
+
+    out: Path = args.out
+    region = None
+    if args.region:
+        region = load_region(args.region)
+        if plan.box is not None:  # drawn on the photo: cut like the photo
+            region = plan.cut(region.astype(np.int64)).astype(bool)
+    result = E.edit_by_inversion(
+        pipe, plan.crop, target, _source_conditions(args, plan, target), steps=args.steps, strength=args.strength,
+        refine=args.refine, correct=not args.no_correct, preserve=args.preserve == "auto", region=region,
+        grow=args.grow, feather=args.feather, inside=args.inside, eta=eta, seed=args.seed, posterior=args.posterior,
+        influence=influence, reconstruct=args.reconstruct, progress=sys.stderr.isatty())
+    settings.update(result.settings)
+    vae_u8 = to_uint8(pipe.decode(result.z0))[0]
+    written = [_save_png(vae_u8, out / "input_image_reconstructed.png")]
+    torch.save(result.inversion.x_T.cpu(), out / "inverted_x_T.pt")
+    written.append(out / "inverted_x_T.pt")
+    written += result.save(out, influence=True)
+    region_px = result.region_pixels()
+    if region_px is not None:
+        written.append(_save_png((region_px * 255).astype(np.uint8), out / "edit_region.png"))
+    if result.reconstruction is not None:
+        err = float((result.reconstruction - result.z0).abs().max())
+        settings["reconstruction_max_abs_error"] = err
+        written.append(_save_png(to_uint8(pipe.decode(result.reconstruction))[0], out / "inversion_reconstruction.png"))
+        print(f"reconstruction with the source conditions: max |z - z0| = {err:.3g}")
+    return result.images[0], region_px, vae_u8, written
+
+
+def _run_imagic(args, pipe, plan, target, eta, influence, settings):
+    """--method imagic on the crop: per branch the reference's stages and their pictures, then the collaborative
+    edit (and the α sweeps), as the reference's editing scripts write them."""
+    from ..images import to_uint8
+    from ..masks import colorize_labels
+    from . import edit as E
+    from . import imagic as I
+    from .inputs import encode_image, load_image
+
+    out: Path = args.out
+    progress = sys.stderr.isatty()
+    cfg = I.ImagicConfig(stage1_lr=args.stage1_lr, stage1_iters=args.stage1_iters, stage2_lr=args.stage2_lr,
+                         stage2_iters=args.stage2_iters, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                         gradient_checkpointing=args.gradient_checkpointing)
+    names = _imagic_branches(args, pipe, target)
+    alphas = _alphas(args.alpha, names)
+    sweep = _floats(args.alpha_list, I.REFERENCE_ALPHAS, "--alpha-list")
+    collab_sweep = _floats(args.collab_alpha_list, I.COLLABORATIVE_ALPHAS, "--collab-alpha-list")
+    z0 = encode_image(pipe, load_image(plan.crop), sample=True, seed=args.seed)
+    vae_u8 = to_uint8(pipe.decode(z0))[0]
+    contexts = pipe.encode(target)
+    settings.update({"imagic": cfg.__dict__, "edited": names, "alpha": alphas, "sample_seed": args.sample_seed})
+    written, edits = [], {}
+    for name in names:
+        folder = out / f"{name}_edit"
+        folder.mkdir(parents=True, exist_ok=True)
+        written.append(_save_png(vae_u8, folder / "input_image_reconstructed.png"))
+        if name == "mask":
+            written.append(_save_png(colorize_labels(target["mask"]), folder / "target_mask.png"))
+        edits[name], pictures = _imagic_stages(args, pipe, name, z0, contexts[name], cfg, eta, sweep, folder,
+                                               progress)
+        written += pictures
+    others = {k: v for k, v in target.items() if k not in edits}
+    if not args.no_sweep and len(pipe.names) > 1:
+        sub = out / "collaborative_edit" / f"seed={args.sample_seed}"
+        for k, a in enumerate(collab_sweep):
+            r = E.collaborative_edit(pipe, edits, a, conditions=others, seed=args.sample_seed, steps=args.steps,
+                                     eta=eta, batch=args.batch, influence=influence, progress=False)
+            for idx, img in enumerate(r.images):
+                written.append(_save_png(img, sub / f"{idx:06d}_x_0_{k}_alpha={_fmt(a)}.png"))
+    result = E.collaborative_edit(pipe, edits, alphas, conditions=others, seed=args.sample_seed, steps=args.steps,
+                                  eta=eta, batch=args.batch, influence=influence, progress=progress)
+    written += result.save(out, influence=True)
+    changed = plan.crop_source != plan.crop_target if plan.crop_source is not None and plan.crop_target is not None \
+        else None
+    region_px = changed.astype("float32") if changed is not None else None
+    return result.images[0], region_px, vae_u8, written
+
+
+def _imagic_branches(args, pipe, target) -> list[str]:
+    names = [n for n in pipe.names if n in target]
+    if args.edit:
+        wanted = [n.strip() for n in args.edit.split(",") if n.strip()]
+        bad = [n for n in wanted if n not in target]
+        if bad:
+            raise ConfigError(f"--edit {args.edit}: no target condition for {bad}; conditions given: {sorted(target)}")
+        names = wanted
+    return names
+
+
+def _imagic_stages(args, pipe, name, z0, context, cfg, eta, sweep, folder: Path, progress):
+    """Stage A (optimise the embedding) and B (fine-tune the UNet) of one branch, with the reference's pictures."""
+    from ..images import to_uint8
+    from . import imagic as I
+
+    written = []
+
+    def uni(emb, unet=None):
+        one = I.single_branch(pipe, name, unet)
+        z, _, _ = one.sample({name: emb.to(pipe.device, pipe.dtype)}, steps=args.steps, eta=eta, seed=args.seed,
+                             progress=False)
+        return to_uint8(one.decode(z))[0]
+
+    written.append(_save_png(uni(context), folder / "A_start_tgtText_origDM.png"))
+    print(f"[{name}] stage A: optimising the embedding ({cfg.stage1_iters} iterations, lr {cfg.stage1_lr:g})")
+    e = I.run_imagic(pipe, name, z0, context, cfg, work_dir=folder, finetune=False, progress=progress)
+    written.append(_save_png(uni(e.optimized), folder / "A_end_optText_origDM.png"))
+    if not args.no_sweep:
+        for k, a in enumerate(sweep):
+            written.append(_save_png(uni(e.embedding(a)), folder / f"0A_interText_origDM_{k}_alpha={_fmt(a)}.png"))
+    print(f"[{name}] stage B: fine-tuning the UNet ({cfg.stage2_iters} iterations, lr {cfg.stage2_lr:g})")
+    e = I.run_imagic(pipe, name, z0, context, cfg, work_dir=folder, progress=progress)
+    written.append(_save_png(uni(e.optimized, e.unet), folder / "B_end_optText_optDM.png"))
+    if not args.no_sweep:
+        for k, a in enumerate(sweep):
+            written.append(_save_png(uni(e.embedding(a), e.unet),
+                                     folder / f"0C_interText_optDM_{k}_alpha={_fmt(a)}.png"))
+    written += [folder / f for f in ("emb_tgt.pt", "emb_opt.pt", "optDM_unet.safetensors", "losses.json")]
+    return e, written
+
+
+def _write_photo(args, plan, final, region_px, out: Path, settings) -> list[Path]:
+    """The edit at the photo's resolution (a crop is always pasted back; an uncropped edit with --paste-back),
+    and the masks it used."""
+    from ..masks import colorize_labels
+
+    written = []
+    if plan.box is not None or args.paste_back:
+        name = "edited_photo.png" if plan.box is not None else "000000_x_0_pasted.png"
+        written.append(_save_png(plan.paste(final, region_px, args.seam), out / name))
+        settings["seam_px"] = args.seam
+    if plan.parsed:
+        written.append(_save_png(colorize_labels(plan.source_labels), out / "source_mask_parsed.png"))
+    if plan.painted:
+        written.append(_save_png(colorize_labels(plan.target_labels), out / "target_mask_painted.png"))
+    return written
+
+
+def _write_metrics(args, plan, final, region_px, vae_u8, parser, out: Path, started) -> list[Path]:
+    """metrics.json: fidelity and mask agreement of the model-size edit; for a crop also the full-resolution check
+    (pixels changed outside the edited region) and, with a parser, the class agreement inside the changed region."""
+    import numpy as np
+
+    from .crop import region_in_photo
+    from .metrics import edit_report, label_agreement
+
+    changed = plan.crop_source != plan.crop_target if plan.crop_source is not None and plan.crop_target is not None \
+        else None
+    report = edit_report(plan.crop, final, region_px, plan.crop_source, plan.crop_target if changed is not None else
+                         None, reference=vae_u8)
+    if plan.box is not None:
+        photo_edit = plan.paste(final, region_px, args.seam)
+        box = plan.box
+        allowed = region_in_photo(region_px if region_px is not None else np.ones(final.shape[:2], bool), box,
+                                  plan.photo.shape[:2], final.shape[:2])
+        report["photo_changed_outside_region_pixels"] = int(((photo_edit != plan.photo).any(-1) & ~allowed).sum())
+        if parser is not None and plan.changed is not None and plan.changed.any():
+            report["photo_label_agreement_in_changed_region"] = label_agreement(
+                parser.parse(photo_edit), plan.target_labels, plan.changed)
+            report["photo_label_agreement_before_edit"] = label_agreement(
+                plan.source_labels, plan.target_labels, plan.changed)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in report.items() if isinstance(v, float) and k.startswith(("psnr", "ssim")))
+    print(f"metrics: {summary}")
+    return [out / "metrics.json"]
 
 
 def check_method_options(args) -> None:

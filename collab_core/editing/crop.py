@@ -33,7 +33,8 @@ from ..masks import CLASS_NAMES, load_mask
 from ..validation import integer, number
 from .inputs import load_region
 
-__all__ = ["Box", "crop_box_from", "crop_to_model", "paint_region", "paste_back", "paste_alpha"]
+__all__ = ["Box", "class_index", "crop_box_from", "crop_to_model", "paint_region", "paste_back", "paste_alpha",
+           "region_in_photo"]
 
 Box = tuple[int, int, int, int]
 
@@ -186,6 +187,14 @@ def _region_in_box(region: Any, box: Box, original_hw: tuple[int, int], edited_h
         f"box ({w}×{h}) or of the edited crop ({edited_hw[1]}×{edited_hw[0]})")
 
 
+def region_in_photo(region: Any, box: Box, photo_hw: tuple[int, int], edited_hw: tuple[int, int]) -> np.ndarray:
+    """bool (H, W): an edit region (photo, box or edited-crop size) placed in the photo; False outside the box."""
+    x, y, w, h = box
+    out = np.zeros(tuple(photo_hw), dtype=bool)
+    out[y:y + h, x:x + w] = _region_in_box(region, box, tuple(photo_hw), tuple(edited_hw))
+    return out
+
+
 def paste_back(original: Any, edited: Any, box: Box, region: Any, feather_px: int = 8) -> np.ndarray:
     """Composite an edited crop into the original photo at the photo's full resolution.
 
@@ -236,7 +245,8 @@ def paste_back(original: Any, edited: Any, box: Box, region: Any, feather_px: in
 # ---------------------------------------------------------------------------------------------- painting
 
 
-def _class_index(class_name: Any) -> int:
+def class_index(class_name: Any) -> int:
+    """Our class index of a class named in words (any accepted spelling); an unknown name is refused."""
     if isinstance(class_name, str):
         cls = canonical_class(class_name)
         if cls is not None:
@@ -278,7 +288,7 @@ def paint_region(labels: Any, painted_mask: Any, class_name: str, grow: int = 0,
     edges before painting (the result stays a hard label map). Calls chain:
     ``paint_region(paint_region(lab, hat_strokes, "hat"), hair_strokes, "hair")``.
     """
-    cls = _class_index(class_name)
+    cls = class_index(class_name)
     grow = integer("grow", grow, minimum=0, maximum=256, fix="pixels to widen the painted strokes by (0 = none)")
     feather = number("feather", feather, minimum=0, maximum=64, fix="smoothing of the strokes' edges in pixels "
                      "(0 = as painted)")
