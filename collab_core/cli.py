@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(edit)
     edit.set_defaults(seed=0, eta=None)  # the reference's editing seed; eta: 1 for imagic, 0 for inversion
 
-    conv = sub.add_parser("convert", help="split a checkpoint into one .safetensors per part (weights only)")
+    conv = sub.add_parser("convert", help="split a checkpoint into one .safetensors per part: every network, the "
+                                          "noise schedule and any unrecognised tensors (the training-only loss "
+                                          "and EMA weights are dropped)")
     conv.add_argument("input", type=Path)
     conv.add_argument("out_dir", type=Path)
 
@@ -166,6 +168,47 @@ def _load_pipeline(args, device, dtype, image_size):
                          image_size=image_size, influence=_influence(args))
 
 
+def _caption_and_mask(args, pipe, wanted):
+    """The caption and mask to generate from. What the user gives always wins; a demo bundle offers its own pair
+    when the user gives neither (decided by what was given, never by comparing values with the defaults), and
+    its own caption where one is needed; else the official example caption."""
+    text, mask, bundle = args.text, args.mask, {}
+    if getattr(pipe, "is_demo", False):
+        from .models import demo_defaults
+
+        bundle = getattr(pipe, "demo_settings", None) or demo_defaults()
+        print("using the bundled demo models (tiny, trained on synthetic faces); pass --checkpoints for the official ones",
+              file=sys.stderr)
+        if text is None and mask is None:
+            text, mask = bundle.get("text"), bundle.get("mask")
+    needs_text = bool(wanted and "text" in wanted) or (wanted is None and mask is None)
+    if text is None and needs_text:
+        text = bundle.get("text") or DEFAULT_TEXT
+    return text, mask
+
+
+def _conditions(args, pipe) -> tuple[dict, object]:
+    """The conditions of each loaded branch the mode asks for, and the mask file (for settings.json)."""
+    wanted = {"auto": None, "collaborative": {"text", "mask"}, "text": {"text"}, "mask": {"mask"}}[args.mode]
+    text, mask = _caption_and_mask(args, pipe, wanted)
+    conditions = {}
+    if text is not None and "text" in pipe.names and (wanted is None or "text" in wanted):
+        conditions["text"] = text
+    if mask is not None and "mask" in pipe.names and (wanted is None or "mask" in wanted):
+        conditions["mask"] = mask
+        if args.mask_tolerance is not None:
+            from .masks import load_mask
+
+            conditions["mask"] = load_mask(mask, tolerance=args.mask_tolerance)
+    missing = (wanted or set()) - set(conditions)
+    if missing:
+        need = " and ".join(f"--{m}" + (" (and a loaded mask model)" if m == "mask" else "") for m in sorted(missing))
+        raise CollabError(f"--mode {args.mode} needs {need}; loaded branches: {', '.join(pipe.names)}")
+    if not conditions:
+        raise CollabError(f"nothing to condition on: give --text and/or --mask (loaded branches: {', '.join(pipe.names)})")
+    return conditions, mask
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -173,36 +216,9 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"--out names a folder (pictures, influence maps and settings.json go into it), not a "
                           f"picture file: use e.g. --out {Path(args.out).with_suffix('')}")
     device, dtype = _device_and_dtype(args)
+    # --fusion / --mask-* given: that fusion; none given: the models' own (a bundle's recorded one, else the reference)
     pipe = _load_pipeline(args, device, dtype, args.size)
-    conditions = {}
-    wanted = {"auto": None, "collaborative": {"text", "mask"}, "text": {"text"}, "mask": {"mask"}}[args.mode]
-    text = args.text
-    if getattr(pipe, "is_demo", False):  # the bundled demo: its own default caption and mask
-        from .models import demo_defaults
-
-        defaults = demo_defaults()
-        print("using the bundled demo models (tiny, trained on synthetic faces); pass --checkpoints for the official ones",
-              file=sys.stderr)
-        if args.text is None and args.mask is None:
-            text, args.mask = defaults.get("text"), defaults.get("mask")
-        elif text is None and (wanted and "text" in wanted or (wanted is None and args.mask is None)):
-            text = defaults.get("text")
-    if text is None and (wanted and "text" in wanted or (wanted is None and args.mask is None)):
-        text = DEFAULT_TEXT
-    if text is not None and "text" in pipe.names and (wanted is None or "text" in wanted):
-        conditions["text"] = text
-    if args.mask is not None and "mask" in pipe.names and (wanted is None or "mask" in wanted):
-        conditions["mask"] = args.mask
-        if args.mask_tolerance is not None:
-            from .masks import load_mask
-
-            conditions["mask"] = load_mask(args.mask, tolerance=args.mask_tolerance)
-    missing = (wanted or set()) - set(conditions)
-    if missing:
-        need = " and ".join(f"--{m}" + (" (and a loaded mask model)" if m == "mask" else "") for m in sorted(missing))
-        raise CollabError(f"--mode {args.mode} needs {need}; loaded branches: {', '.join(pipe.names)}")
-    if not conditions:
-        raise CollabError(f"nothing to condition on: give --text and/or --mask (loaded branches: {', '.join(pipe.names)})")
+    conditions, mask = _conditions(args, pipe)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     started = time.perf_counter()
     # the pipeline's own threshold (the demo's recorded one) unless the option is given; 0 = off
@@ -211,15 +227,14 @@ def cmd_generate(args) -> int:
                            progress=sys.stderr.isatty(), x0_threshold=threshold or 0.0)
     paths = result.save(args.out, influence=args.save_influence)
     settings = json.dumps({
-        "conditions": {k: str(args.mask if k == "mask" else v) for k, v in conditions.items()}, "branches": pipe.names, "steps": args.steps,
-        "eta": args.eta, "seed": seed, "batch": args.batch, "device": str(device), "dtype": str(dtype).split(".")[-1],
-        "influence": _fusion_name(pipe.influence), "x0_threshold": threshold or None,
+        "conditions": {k: str(mask if k == "mask" else v) for k, v in conditions.items()}, "branches": pipe.names,
+        "steps": args.steps, "eta": args.eta, "seed": seed, "batch": args.batch, "device": str(device),
+        "dtype": str(dtype).split(".")[-1], "influence": _fusion_name(pipe.influence), "x0_threshold": threshold or None,
     }, indent=2, allow_nan=False)  # strict JSON: a NaN would make the file unreadable for other tools
     write_text_atomic(args.out / "settings.json", settings)
     paths.append(args.out / "settings.json")
-    used = ", ".join(f"{k}" for k in conditions)
-    print(f"generated {args.batch} picture(s) from {used} with {', '.join(pipe.names)} branch(es), seed {seed}, "
-          f"{args.steps} steps in {time.perf_counter() - started:.1f} s -> {args.out}")
+    print(f"generated {args.batch} picture(s) from {', '.join(conditions)} with {', '.join(pipe.names)} branch(es), "
+          f"seed {seed}, {args.steps} steps in {time.perf_counter() - started:.1f} s -> {args.out}")
     for p in paths:
         print(f"  {p}")
     return 0
@@ -239,8 +254,9 @@ def cmd_convert(args) -> int:
     from .checkpoint import read_checkpoint_metadata, read_state_dict
     from .layout import split_checkpoint, write_parts
 
-    parts = split_checkpoint(read_state_dict(args.input), read_checkpoint_metadata(args.input))
-    paths = write_parts(parts, args.out_dir, args.input.name)
+    sd = read_state_dict(args.input)
+    parts = split_checkpoint(sd, read_checkpoint_metadata(args.input))
+    paths = write_parts(parts, args.out_dir, args.input.name, unrecognised={k: sd[k] for k in parts.ignored})
     print(f"{args.input.name}: {parts.describe()}")
     for p in paths:
         print(f"  wrote {p}")

@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointParts",
     "PART_KINDS",
     "PARTS_FORMAT_VERSION",
+    "SHARED_PART_FILES",
     "normalize_modality",
     "order_modalities",
     "split_checkpoint",
@@ -31,7 +32,12 @@ __all__ = [
 ]
 
 PARTS_FORMAT_VERSION = "1"
-PART_KINDS = ("unet", "diffuser", "vae", "text_encoder", "mask_encoder")
+PART_KINDS = ("unet", "diffuser", "vae", "text_encoder", "mask_encoder", "schedule", "unrecognised")
+# Parts that belong to no modality.
+_SHARED_PARTS = ("vae", "schedule", "unrecognised")
+#: File names of the parts that belong to no modality (the others are ``<modality>_<kind>.safetensors``).
+SHARED_PART_FILES = {"vae": "vae.safetensors", "schedule": "noise_schedule.safetensors",
+                     "unrecognised": "unrecognised_tensors.safetensors"}
 
 # The reference's name for the mask modality; everything else keeps its name.
 _MODALITY_ALIASES = {"seg_mask": "mask"}
@@ -163,11 +169,15 @@ def _split_part(sd: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> Che
             f"part file declares collab_part={part!r}; expected one of {', '.join(PART_KINDS)}"
         )
     modality = normalize_modality(metadata.get("modality", "")) if metadata.get("modality") else ""
-    if part != "vae" and not modality:
+    if part not in _SHARED_PARTS and not modality:
         raise CheckpointError(f"part file of kind {part!r} has no 'modality' in its metadata")
     parts = CheckpointParts(kind="part")
     sd = dict(sd)
-    if part == "unet":
+    if part == "schedule":
+        parts.schedule = sd
+    elif part == "unrecognised":  # kept by convert so that nothing of the source is lost; no network reads it
+        parts.ignored = sorted(sd)
+    elif part == "unet":
         parts.unets[modality] = sd
     elif part == "diffuser":
         parts.diffusers[modality] = sd
@@ -250,6 +260,75 @@ def check_weights(parts: CheckpointParts) -> None:
             "training run; download it again or use an earlier checkpoint")
 
 
+class _Taker:
+    """Takes tensors out of a state dict by prefix, remembering which keys were used."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor]):
+        self.sd = sd
+        self.used: set[str] = set()
+
+    def prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        sub = {k: v for k, v in self.sd.items() if k.startswith(prefix)}
+        self.used.update(sub)
+        return {k[len(prefix):]: v for k, v in sub.items()}
+
+
+def _split_collaborative(take: _Taker, parts: CheckpointParts) -> None:
+    """Per modality ``model.<m>_unet.*`` / ``model.<m>_confidence_predictor.*`` and ``<m>_cond_stage_model.*``."""
+    nets: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for k, v in take.sd.items():
+        m = _RE_COLLAB_NET.match(k)
+        if m:
+            nets.setdefault((m["role"], normalize_modality(m["name"])), {})[m["rest"]] = v
+            take.used.add(k)
+    for (role, name), net in nets.items():
+        (parts.unets if role == "unet" else parts.diffusers)[name] = net
+    encs: dict[str, dict[str, torch.Tensor]] = {}
+    enc_keys: dict[str, list[str]] = {}
+    for k, v in take.sd.items():
+        m = _RE_COLLAB_ENC.match(k)
+        if m:
+            name = normalize_modality(m["name"])
+            encs.setdefault(name, {})[m["rest"]] = v
+            enc_keys.setdefault(name, []).append(k)
+    for name, sub in encs.items():
+        kind = _encoder_kind(sub)
+        if kind is None:
+            continue  # stays in `ignored`: an encoder type this pack does not know
+        take.used.update(enc_keys[name])
+        if kind == "text":
+            parts.text_encoders[name] = _strip(sub, "transformer.")
+        else:
+            parts.mask_encoders[name] = dict(sub)
+
+
+def _split_unimodal(take: _Taker, metadata: Mapping[str, str], parts: CheckpointParts) -> None:
+    """``model.diffusion_model.*`` plus one encoder, whose kind names the modality."""
+    unet = take.prefix("model.diffusion_model.")
+    text = take.prefix("cond_stage_model.transformer.")
+    mask = take.prefix("cond_stage_model.linear.")
+    if text and mask:
+        raise _unrecognised(
+            ["cond_stage_model.transformer.*", "cond_stage_model.linear.*"],
+            "a uni-modal file with both a text and a mask encoder",
+        )
+    if text:
+        modality = "text"
+        parts.text_encoders["text"] = text
+    elif mask:
+        modality = "mask"
+        parts.mask_encoders["mask"] = {"linear." + k: v for k, v in mask.items()}
+    elif metadata.get("modality"):
+        modality = normalize_modality(metadata["modality"])
+    else:
+        raise CheckpointError(
+            "uni-modal checkpoint without a condition encoder ('cond_stage_model.transformer.*' "
+            "for text, 'cond_stage_model.linear.*' for mask), so its modality is unknown; "
+            "use the official text/mask checkpoint"
+        )
+    parts.unets[modality] = unet
+
+
 def _split_checkpoint(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> CheckpointParts:
     metadata = dict(metadata or {})
     sd = dict(state_dict)
@@ -257,90 +336,31 @@ def _split_checkpoint(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[
         raise CheckpointError("the checkpoint holds no tensors")
     if metadata.get("collab_part"):
         return _split_part(sd, metadata)
-
     has_collab = any(_RE_COLLAB_NET.match(k) for k in sd)
     has_unimodal = any(k.startswith("model.diffusion_model.") for k in sd)
     if has_collab and has_unimodal:
-        raise _unrecognised(
-            [k for k in sd if k.startswith("model.")],
-            "the file mixes uni-modal and collaborative network prefixes",
-        )
-
-    parts = CheckpointParts(kind="collaborative" if has_collab else "unimodal")
-    used: set[str] = set()
-
-    def take(prefix: str) -> dict[str, torch.Tensor]:
-        sub = {k: v for k, v in sd.items() if k.startswith(prefix)}
-        used.update(sub)
-        return {k[len(prefix):]: v for k, v in sub.items()}
-
-    vae = take("first_stage_model.")
-    if vae:
-        parts.vae = _drop_loss(vae)
-    for k in sd:
-        if k in _SCHEDULE_KEYS:
-            parts.schedule[k] = sd[k]
-            used.add(k)
-
-    if has_collab:
-        nets: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-        for k, v in sd.items():
-            m = _RE_COLLAB_NET.match(k)
-            if m:
-                nets.setdefault((m["role"], normalize_modality(m["name"])), {})[m["rest"]] = v
-                used.add(k)
-        for (role, name), net in nets.items():
-            (parts.unets if role == "unet" else parts.diffusers)[name] = net
-        encs: dict[str, dict[str, torch.Tensor]] = {}
-        enc_keys: dict[str, list[str]] = {}
-        for k, v in sd.items():
-            m = _RE_COLLAB_ENC.match(k)
-            if m:
-                name = normalize_modality(m["name"])
-                encs.setdefault(name, {})[m["rest"]] = v
-                enc_keys.setdefault(name, []).append(k)
-        for name, sub in encs.items():
-            kind = _encoder_kind(sub)
-            if kind is None:
-                continue  # stays in `ignored`: an encoder type this pack does not know
-            used.update(enc_keys[name])
-            if kind == "text":
-                parts.text_encoders[name] = _strip(sub, "transformer.")
-            else:
-                parts.mask_encoders[name] = dict(sub)
-    elif has_unimodal:
-        unet = take("model.diffusion_model.")
-        text = take("cond_stage_model.transformer.")
-        mask = take("cond_stage_model.linear.")
-        if text and mask:
-            raise _unrecognised(
-                ["cond_stage_model.transformer.*", "cond_stage_model.linear.*"],
-                "a uni-modal file with both a text and a mask encoder",
-            )
-        if text:
-            modality = "text"
-            parts.text_encoders["text"] = text
-        elif mask:
-            modality = "mask"
-            parts.mask_encoders["mask"] = {"linear." + k: v for k, v in mask.items()}
-        elif metadata.get("modality"):
-            modality = normalize_modality(metadata["modality"])
-        else:
-            raise CheckpointError(
-                "uni-modal checkpoint without a condition encoder ('cond_stage_model.transformer.*' "
-                "for text, 'cond_stage_model.linear.*' for mask), so its modality is unknown; "
-                "use the official text/mask checkpoint"
-            )
-        parts.unets[modality] = unet
-    else:
+        raise _unrecognised([k for k in sd if k.startswith("model.")],
+                            "the file mixes uni-modal and collaborative network prefixes")
+    if not (has_collab or has_unimodal):
         bare = _split_bare(sd, metadata)
         if bare is not None:
             return bare
         raise _unrecognised(sd, "no known network prefix in this checkpoint")
 
-    parts.ignored = sorted(
-        k for k in sd if k not in used and not k.startswith(_DROPPED_PREFIXES)
-    )
+    parts = CheckpointParts(kind="collaborative" if has_collab else "unimodal")
+    take = _Taker(sd)
+    vae = take.prefix("first_stage_model.")
+    if vae:
+        parts.vae = _drop_loss(vae)
+    for k in sd:
+        if k in _SCHEDULE_KEYS:
+            parts.schedule[k] = sd[k]
+            take.used.add(k)
+    if has_collab:
+        _split_collaborative(take, parts)
+    else:
+        _split_unimodal(take, metadata, parts)
+    parts.ignored = sorted(k for k in sd if k not in take.used and not k.startswith(_DROPPED_PREFIXES))
     if not (parts.unets or parts.diffusers or parts.text_encoders or parts.mask_encoders):
         raise _unrecognised(sd, "no network found in this checkpoint")
     names = set(parts.unets) | set(parts.diffusers) | set(parts.text_encoders) | set(parts.mask_encoders)
@@ -348,8 +368,11 @@ def _split_checkpoint(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[
     return parts
 
 
-def write_parts(parts: CheckpointParts, out_dir: str | os.PathLike, source_name: str) -> list[Path]:
-    """Write each network of ``parts`` as its own ``.safetensors`` with self-describing metadata.
+def write_parts(parts: CheckpointParts, out_dir: str | os.PathLike, source_name: str,
+                unrecognised: Mapping[str, torch.Tensor] | None = None) -> list[Path]:
+    """Write each network of ``parts`` as its own ``.safetensors`` with self-describing metadata, plus the noise
+    schedule buffers and (``unrecognised``: the source's tensors named in ``parts.ignored``) what no network
+    claims, so that a converted file keeps everything it held except the training-only loss/EMA tensors.
 
     The metadata (``collab_part``, ``modality``, ``modalities``, source, format version) lets
     :func:`split_checkpoint` read a part file back without guessing from key names.
@@ -374,9 +397,13 @@ def write_parts(parts: CheckpointParts, out_dir: str | os.PathLike, source_name:
     for m, sd in parts.diffusers.items():
         write(sd, "diffuser", m, f"{m}_diffuser.safetensors")
     if parts.vae is not None:
-        write(parts.vae, "vae", "", "vae.safetensors")
+        write(parts.vae, "vae", "", SHARED_PART_FILES["vae"])
     for m, sd in parts.text_encoders.items():
         write(sd, "text_encoder", m, f"{m}_text_encoder.safetensors")
     for m, sd in parts.mask_encoders.items():
         write(sd, "mask_encoder", m, f"{m}_mask_encoder.safetensors")
+    if parts.schedule:
+        write(parts.schedule, "schedule", "", SHARED_PART_FILES["schedule"])
+    if unrecognised:
+        write(unrecognised, "unrecognised", "", SHARED_PART_FILES["unrecognised"])
     return written

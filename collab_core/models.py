@@ -1,7 +1,9 @@
 """Whole models from files: find the official checkpoints, read their parts, build the networks.
 
 Precedence follows the reference: a collaborative (codiff) file overrides the uni-modal files, which override
-the separate VAE file. The codiff file alone holds every inference weight, so it is enough by itself.
+the separate VAE file. The codiff file alone holds every inference weight, so it is enough by itself. What the
+weights cannot tell is resolved by :mod:`collab_core.settings`. Imports go one way: this module builds
+:mod:`collab_core.pipeline` objects; the pipeline never imports it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -19,17 +21,17 @@ from .fusion import InfluenceConfig
 from .layout import CheckpointParts, split_checkpoint
 from .mask_encoder import MaskEncoder
 from .pipeline import Branch, CollaborativePipeline
-from .schedule import make_alphas_cumprod
+from .settings import attention_heads, latent_size_for, noise_schedule, resolve_config, resolve_scale_factor
 from .text_encoder import TextEncoder
 from .unet import build_unet
-from .vae import build_vae, default_scale_factor, infer_vae_config
-from .yaml_config import OfficialConfig, read_official_config
+from .vae import build_vae, infer_vae_config
+from .yaml_config import OfficialConfig
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth")
 ROLES = ("collaborative", "text", "mask", "vae")
-PART_SUFFIXES = ("_unet", "_diffuser", "_text_encoder", "_mask_encoder")
+PART_SUFFIXES = ("_unet", "_diffuser", "_text_encoder", "_mask_encoder", "_schedule")
 WHERE_TO_GET = (
     "The official checkpoints (512_text.ckpt, 512_mask.ckpt, 512_vae.ckpt, 512_codiff_mask_text.ckpt and the 256 set) "
     "are linked from https://github.com/ziqihuangg/Collaborative-Diffusion (README, 'Download' section; "
@@ -37,6 +39,8 @@ WHERE_TO_GET = (
     "or give them one by one with --text-model/--mask-model/--vae/--diffuser."
 )
 DEFAULT_SEARCH_DIRS = (Path("pretrained"), Path("checkpoints"))
+#: The files a caller may name one by one: (role, argument name).
+GIVEN_ROLES = (("text", "text_model"), ("mask", "mask_model"), ("vae", "vae"), ("collaborative", "diffuser"))
 
 
 def role_of(path: Path) -> Optional[str]:
@@ -87,63 +91,7 @@ def find_checkpoints(directory: Path | str, prefix: Optional[str] = None) -> dic
     return chosen
 
 
-def find_config(checkpoint: Path) -> Optional[Path]:
-    """An official YAML named like the checkpoint: beside it, in ./configs or in ../configs (the reference's layout)."""
-    stem = checkpoint.name[: -len(checkpoint.suffix)]
-    for candidate in (checkpoint.with_suffix(".yaml"), checkpoint.parent / "configs" / f"{stem}.yaml",
-                      checkpoint.parent.parent / "configs" / f"{stem}.yaml"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-METADATA_CONFIG_KEY = "collab_config"
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
-
-
-def config_from_metadata(metadata: dict) -> OfficialConfig:
-    """What a safetensors header's ``collab_config`` JSON (written by :mod:`collab_core.training`) says the weights
-    cannot: attention heads, latent scale factor and size. Files without it give an empty config."""
-    import json
-
-    cfg = OfficialConfig()
-    raw = (metadata or {}).get(METADATA_CONFIG_KEY)
-    if not raw:
-        return cfg
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        log.warning("ignoring unreadable %s metadata: %r", METADATA_CONFIG_KEY, raw[:80])
-        return cfg
-    if not isinstance(data, dict):
-        return cfg
-    heads = data.get("unet_num_heads")
-    if isinstance(heads, dict):
-        cfg.unet_heads_by_modality = {str(k): int(v) for k, v in heads.items()}
-        if len(set(cfg.unet_heads_by_modality.values())) == 1:
-            cfg.unet_num_heads = next(iter(cfg.unet_heads_by_modality.values()))
-    elif isinstance(heads, int):
-        cfg.unet_num_heads = heads
-    if isinstance(data.get("diffuser_num_heads"), int):
-        cfg.diffuser_num_heads = data["diffuser_num_heads"]
-    if isinstance(data.get("scale_factor"), (int, float)):
-        cfg.scale_factor = float(data["scale_factor"])
-    if isinstance(data.get("image_size"), int):
-        cfg.image_size = data["image_size"]
-    return cfg
-
-
-def _fill_from_metadata(cfg: OfficialConfig, metas: Sequence[dict]) -> None:
-    """YAML configs win; file metadata fills what they leave unset (later files win among themselves)."""
-    for meta in metas:
-        m = config_from_metadata(meta)
-        for name in ("scale_factor", "image_size", "diffuser_num_heads"):
-            if getattr(cfg, name) is None and getattr(m, name) is not None:
-                setattr(cfg, name, getattr(m, name))
-        for mod, h in m.unet_heads_by_modality.items():
-            cfg.unet_heads_by_modality.setdefault(mod, h)
-        if cfg.unet_num_heads is None and m.unet_num_heads is not None and not m.unet_heads_by_modality:
-            cfg.unet_num_heads = m.unet_num_heads
 
 
 def demo_bundle_dir() -> Optional[Path]:
@@ -210,45 +158,31 @@ class LoadedParts:
                 self.modalities.append(m)
 
 
-def read_parts(path: Path) -> CheckpointParts:
+def read_parts(path: Path | str) -> CheckpointParts:
+    """One file's networks (:func:`collab_core.layout.split_checkpoint` of its tensors and header)."""
     path = Path(path)
     return split_checkpoint(read_state_dict(path), read_checkpoint_metadata(path))
 
 
-def merge_configs(paths: Iterable[Path]) -> OfficialConfig:
-    """Later configs fill what earlier ones left unset."""
-    merged = OfficialConfig()
-    for p in paths:
-        cfg = read_official_config(p)
-        for name, value in vars(cfg).items():
-            current = getattr(merged, name, None)
-            if isinstance(current, dict) and isinstance(value, dict):
-                setattr(merged, name, {**value, **current})
-            elif isinstance(current, list) and isinstance(value, list):
-                current.extend(value)
-            elif value is not None and current is None:
-                setattr(merged, name, value)
-    return merged
+def build_encoder(parts: CheckpointParts | LoadedParts, modality: str, source: str) -> tuple[torch.nn.Module, str]:
+    """The condition encoder of ``modality`` in ``parts`` and its kind (``text`` or ``mask``), in float32 and eval
+    mode: encoders run once per prompt and the text encoder's LayerNorms are fp16-fragile."""
+    if modality in parts.text_encoders:
+        module, kind = TextEncoder.from_state_dict(parts.text_encoders[modality]), "text"
+    elif modality in parts.mask_encoders:
+        module, kind = MaskEncoder.from_state_dict(parts.mask_encoders[modality]), "mask"
+    else:
+        raise CheckpointError(
+            f"{source} holds no condition encoder for its {modality} model: give the uni-modal checkpoint (it "
+            "holds the encoder) or the collaborative one"
+        )
+    return module.to(dtype=torch.float32).eval(), kind
 
 
 def _branch_order(modalities: Sequence[str]) -> list[str]:
     # The reference's softmax channel order is mask first, then text; other names keep their order after.
     first = [m for m in ("mask", "text") if m in modalities]
     return first + [m for m in modalities if m not in first]
-
-
-def _encoder_for(name: str, parts: LoadedParts, cfg: OfficialConfig, device, dtype):
-    if name in parts.text_encoders:
-        enc = TextEncoder.from_state_dict(parts.text_encoders[name])
-    elif name in parts.mask_encoders:
-        enc = MaskEncoder.from_state_dict(parts.mask_encoders[name])
-    else:
-        raise CheckpointError(
-            f"the {name} model has no condition encoder in {parts.sources.get('unets:' + name, 'its file')}: "
-            "give the uni-modal checkpoint (it holds the encoder) or the collaborative one"
-        )
-    # Encoders stay in float32: they run once per prompt and the text encoder's LayerNorms are fp16-fragile.
-    return enc.to(device=device, dtype=torch.float32).eval()
 
 
 def _check_context(name: str, what: str, net, encoder) -> None:
@@ -261,83 +195,94 @@ def _check_context(name: str, what: str, net, encoder) -> None:
         )
 
 
-def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, mask_model=None, vae=None,
-                  diffuser=None, configs: Sequence[Path | str] = (), prefix: Optional[str] = None,
-                  device="cpu", dtype=torch.float32, influence: Optional[InfluenceConfig] = None,
-                  image_size: Optional[int] = None, use_diffusers: bool = True) -> CollaborativePipeline:
-    """Build a :class:`CollaborativePipeline` from official checkpoints (``.ckpt`` or ``.safetensors``).
+# ------------------------------------------------------------------------------------------------- which files
 
-    ``checkpoints`` is a directory searched by the official names; explicit paths override what it finds.
-    ``image_size`` is the output size in pixels (default: the native size of the VAE, 512 or 256).
-    ``dtype``: the networks' type, a torch dtype or ``"float32"`` (default), ``"bfloat16"``, ``"float16"``,
-    ``"auto"`` (:func:`collab_core.precision.resolve_dtype`; sampling arithmetic stays float32, docs/precision.md).
-    """
-    from .precision import resolve_dtype
 
-    dtype = resolve_dtype(dtype, device)
+@dataclass
+class CheckpointSet:
+    """The files a pipeline is built from, by role, and the folder they were found in (its ``demo.json``, if
+    any, records how the bundle's models sample best)."""
+
+    files: dict[str, Path]
+    folder: Optional[Path] = None
+
+
+def _no_checkpoints(looked: str, prefix: Optional[str]) -> CheckpointError:
+    which = f" starting with {prefix!r}" if prefix is not None else ""
+    return CheckpointError(
+        f"no checkpoints found (looked in {looked} for *_text, *_mask, *_vae and *_codiff_mask_text files{which}, "
+        f".ckpt or .safetensors). {WHERE_TO_GET}"
+    )
+
+
+def locate_checkpoints(checkpoints: Optional[Path | str] = None, given: Optional[dict] = None,
+                       prefix: Optional[str] = None) -> CheckpointSet:
+    """The files to load, in this order: the ``given`` files by role (``text_model``, ``mask_model``, ``vae``,
+    ``diffuser`` → path) over what the ``checkpoints`` folder holds; with neither, the first of ./pretrained,
+    ./checkpoints and the shipped demo bundle that holds a set. ``prefix`` applies to every folder searched;
+    a folder's errors (several sets, damaged files) are the user's, never skipped."""
     from .validation import existing_dir, existing_file
 
-    files: dict[str, Path] = {}
-    bundle: dict = {}
+    given = given or {}
+    explicit = {role: existing_file(name, given[name], "checkpoint file")
+                for role, name in GIVEN_ROLES if given.get(name) is not None}
     if checkpoints is not None:
-        files.update(find_checkpoints(existing_dir("checkpoints", checkpoints), prefix))
-        if (Path(checkpoints) / "demo.json").is_file():  # a bundle that records how its models sample best
-            bundle = demo_defaults(checkpoints)
-            if influence is None and bundle.get("influence"):
-                influence = influence_named(bundle["influence"])
-    for role, name, given in (("text", "text_model", text_model), ("mask", "mask_model", mask_model),
-                              ("vae", "vae", vae), ("collaborative", "diffuser", diffuser)):
-        if given is not None:
-            files[role] = existing_file(name, given, "checkpoint file")
-    if not files:
-        if checkpoints is None:
-            for d in DEFAULT_SEARCH_DIRS:
-                if d.is_dir():
-                    try:
-                        return load_pipeline(d, configs=configs, prefix=prefix, device=device, dtype=dtype,
-                                             influence=influence, image_size=image_size)
-                    except CheckpointError:
-                        pass
-            demo = demo_bundle_dir()
-            if demo is not None:
+        folder = existing_dir("checkpoints", checkpoints)
+        files = {**find_checkpoints(folder, prefix), **explicit}
+        if not files:
+            raise _no_checkpoints(str(checkpoints), prefix)
+        return CheckpointSet(files, Path(folder))
+    if explicit:
+        return CheckpointSet(explicit)
+    demo = demo_bundle_dir()
+    for folder in [*DEFAULT_SEARCH_DIRS, demo]:
+        if folder is None or not folder.is_dir():
+            continue
+        files = find_checkpoints(folder, prefix)
+        if files:
+            if folder == demo:
                 log.warning("no checkpoints given or found in ./pretrained or ./checkpoints: using the tiny demo "
                             "models bundled with the pack (synthetic faces, %s). %s", demo, WHERE_TO_GET)
-                return load_pipeline(demo, configs=configs, device=device, dtype=dtype, influence=influence,
-                                     image_size=image_size, use_diffusers=use_diffusers)
-        looked = str(checkpoints) if checkpoints is not None else " or ".join(f"./{d}" for d in DEFAULT_SEARCH_DIRS)
-        raise CheckpointError(
-            f"no checkpoints found (looked in {looked} for *_text, *_mask, *_vae and *_codiff_mask_text files, "
-            f".ckpt or .safetensors). {WHERE_TO_GET}"
-        )
+            return CheckpointSet(files, Path(folder))
+        log.info("no checkpoints%s in %s", f" starting with {prefix!r}" if prefix else "", folder)
+    looked = " or ".join([f"./{d}" for d in DEFAULT_SEARCH_DIRS] + ([str(demo)] if demo is not None else []))
+    raise _no_checkpoints(looked, prefix)
 
-    parts = LoadedParts()
-    metas = []
+
+def read_checkpoint_set(files: dict[str, Path]) -> tuple[LoadedParts, list[dict]]:
+    """Every file's parts, lowest precedence first (VAE, uni-modal, converted parts, collaborative), and their
+    headers, highest precedence first (for :func:`collab_core.settings.resolve_config`)."""
+    parts, metas = LoadedParts(), []
     part_roles = sorted(r for r in files if r.startswith("part:"))
-    for role in ["vae", "text", "mask"] + part_roles + ["collaborative"]:  # lowest precedence first
-        if role in files:
-            got = read_parts(files[role])
-            if role in ("text", "mask") and role not in got.unets:
-                raise CheckpointError(
-                    f"{files[role].name} was given as the {role} model but holds {got.describe()}; "
-                    f"pass a uni-modal {role} LDM checkpoint (e.g. 512_{role}.ckpt)"
-                )
-            if role == "collaborative" and not got.diffusers:
-                raise CheckpointError(f"{files[role].name} holds no dynamic diffusers ({got.describe()}); "
-                                      "pass a collaborative checkpoint such as 512_codiff_mask_text.ckpt")
-            parts.add(got, files[role].name)
-            metas.append(read_checkpoint_metadata(files[role]))
+    for role in ["vae", "text", "mask"] + part_roles + ["collaborative"]:
+        if role not in files:
+            continue
+        got = read_parts(files[role])
+        if role in ("text", "mask") and role not in got.unets:
+            raise CheckpointError(
+                f"{files[role].name} was given as the {role} model but holds {got.describe()}; "
+                f"pass a uni-modal {role} LDM checkpoint (e.g. 512_{role}.ckpt)"
+            )
+        if role == "collaborative" and not got.diffusers:
+            raise CheckpointError(f"{files[role].name} holds no dynamic diffusers ({got.describe()}); "
+                                  "pass a collaborative checkpoint such as 512_codiff_mask_text.ckpt")
+        parts.add(got, files[role].name)
+        metas.insert(0, read_checkpoint_metadata(files[role]))
+    return parts, metas
 
-    config_paths = [Path(c) for c in configs]
-    config_paths += [c for c in (find_config(p) for p in files.values()) if c is not None and c not in config_paths]
-    cfg = merge_configs(config_paths)
-    _fill_from_metadata(cfg, metas)
-    for c in config_paths:
-        log.info("using config %s", c)
 
+# ------------------------------------------------------------------------------------------------- networks
+
+
+def build_branches(parts: LoadedParts, cfg: OfficialConfig, *, device="cpu", dtype=torch.float32,
+                   use_diffusers: bool = True) -> list[Branch]:
+    """One :class:`Branch` per uni-modal UNet in fusion order, with its encoder and (``use_diffusers``) its
+    dynamic diffuser."""
     names = _branch_order([m for m in parts.modalities if m in parts.unets] +
                           [m for m in parts.unets if m not in parts.modalities])
     if not names:
-        raise CheckpointError(f"none of {', '.join(p.name for p in files.values())} holds a uni-modal UNet. {WHERE_TO_GET}")
+        raise CheckpointError(f"none of {', '.join(sorted(set(parts.sources.values())))} holds a uni-modal UNet. "
+                              f"{WHERE_TO_GET}")
     if parts.diffusers and set(parts.diffusers) - set(names):
         raise BranchMismatchError(
             f"dynamic diffusers for {sorted(parts.diffusers)} but uni-modal models for {names}: "
@@ -345,51 +290,70 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
         )
     branches = []
     for name in names:
-        unet = build_unet(parts.unets[name], num_heads=cfg.unet_heads(name), dtype=dtype, device=device)
-        encoder = _encoder_for(name, parts, cfg, device, dtype)
+        heads = attention_heads(cfg, name, "unet", what="UNet")
+        unet = build_unet(parts.unets[name], num_heads=heads.stated, head_channels=heads.head_channels, dtype=dtype,
+                          device=device)
+        encoder = build_encoder(parts, name, parts.sources.get("unets:" + name, "its file"))[0].to(device)
         _check_context(name, "UNet", unet, encoder)
         diff = None
         if use_diffusers and name in parts.diffusers:
-            diff = build_unet(parts.diffusers[name], num_heads=cfg.diffuser_heads(name), dtype=dtype, device=device)
+            heads = attention_heads(cfg, name, "diffuser", what="dynamic diffuser")
+            diff = build_unet(parts.diffusers[name], num_heads=heads.stated, head_channels=heads.head_channels,
+                              dtype=dtype, device=device)
             _check_context(name, "dynamic diffuser", diff, encoder)
         branches.append(Branch(name=name, unet=unet, encoder=encoder, diffuser=diff))
     if len(branches) > 1 and use_diffusers and not all(b.diffuser is not None for b in branches):
         missing = [b.name for b in branches if b.diffuser is None]
         log.warning("no dynamic diffuser for %s: those branches get equal, constant influence", missing)
+    return branches
 
-    vae_model, scale_factor, latent = None, cfg.scale_factor, 64
-    if parts.vae is not None:
-        vae_cfg = infer_vae_config(parts.vae)
-        vae_model = build_vae(parts.vae, scale_factor=scale_factor, dtype=dtype, device=device)
-        if scale_factor is None:
-            scale_factor = default_scale_factor(vae_cfg)
-        factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-        if vae_cfg.latent_channels != branches[0].unet.config.in_channels:
-            raise BranchMismatchError(
-                f"the VAE has {vae_cfg.latent_channels} latent channels but the UNets take "
-                f"{branches[0].unet.config.in_channels}: use the VAE of the same model set"
-            )
-        native = cfg.image_size * factor if cfg.image_size else 64 * factor
-        size = image_size or native
-        if size % factor:
-            raise CheckpointError(f"--size {size} is not a multiple of the VAE's downscale factor {factor}")
-        latent = size // factor
-    elif image_size:
-        latent = image_size // 8
-    if scale_factor is None:
-        scale_factor = 0.141
 
-    if "alphas_cumprod" in parts.schedule:
-        alphas_cumprod = parts.schedule["alphas_cumprod"].to(torch.float32)
-    else:
-        alphas_cumprod = make_alphas_cumprod(*cfg.schedule_args())
-    for b in branches:
-        for m in (b.unet, b.diffuser):
-            if m is not None:
-                m.eval().requires_grad_(False)
-    pipe = CollaborativePipeline(branches, vae_model, scale_factor, alphas_cumprod, influence=influence,
-                                 latent_size=latent)
+def build_latent_space(parts: LoadedParts, cfg: OfficialConfig, latent_channels: int, image_size: Optional[int],
+                       *, device="cpu", dtype=torch.float32) -> tuple[Optional[torch.nn.Module], float, int]:
+    """(the VAE or None, the latent scale factor, the latent side for pictures of ``image_size`` pixels)."""
+    if parts.vae is None:  # latents only; the 512 set's factor of 8 sizes them
+        return None, resolve_scale_factor(cfg), latent_size_for(cfg, 8, image_size)
+    vae_cfg = infer_vae_config(parts.vae)
+    if vae_cfg.latent_channels != latent_channels:
+        raise BranchMismatchError(
+            f"the VAE has {vae_cfg.latent_channels} latent channels but the UNets take "
+            f"{latent_channels}: use the VAE of the same model set"
+        )
+    scale = resolve_scale_factor(cfg, vae_cfg)
+    vae = build_vae(parts.vae, scale_factor=scale, dtype=dtype, device=device, config=vae_cfg)
+    return vae, scale, latent_size_for(cfg, vae_cfg.downscale, image_size)
+
+
+def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, mask_model=None, vae=None,
+                  diffuser=None, configs: Sequence[Path | str] = (), prefix: Optional[str] = None,
+                  device="cpu", dtype=torch.float32, influence: Optional[InfluenceConfig] = None,
+                  image_size: Optional[int] = None, use_diffusers: bool = True) -> CollaborativePipeline:
+    """Build a :class:`CollaborativePipeline` from official checkpoints (``.ckpt`` or ``.safetensors``).
+
+    Which files: see :func:`locate_checkpoints` (given files over the ``checkpoints`` folder; else ./pretrained,
+    ./checkpoints, the demo bundle). What weights cannot tell: :mod:`collab_core.settings` (``configs`` first).
+    ``image_size`` is the output size in pixels (default: the model's native size).
+    ``dtype``: the networks' type, a torch dtype or ``"float32"`` (default), ``"bfloat16"``, ``"float16"``,
+    ``"auto"`` (:func:`collab_core.precision.resolve_dtype`; sampling arithmetic stays float32, docs/precision.md).
+    ``influence``: the fusion (default: the bundle's recorded one, else the reference's).
+    """
+    from .precision import resolve_dtype
+
+    dtype = resolve_dtype(dtype, device)
+    found = locate_checkpoints(checkpoints, dict(text_model=text_model, mask_model=mask_model, vae=vae,
+                                                 diffuser=diffuser), prefix)
+    parts, metas = read_checkpoint_set(found.files)
+    cfg = resolve_config(list(found.files.values()), configs, metas)
+    branches = build_branches(parts, cfg, device=device, dtype=dtype, use_diffusers=use_diffusers)
+    vae_model, scale, latent = build_latent_space(parts, cfg, branches[0].unet.config.in_channels, image_size,
+                                                  device=device, dtype=dtype)
+    bundle = demo_defaults(found.folder) if found.folder is not None else {}
+    if influence is None and bundle.get("influence"):
+        influence = influence_named(bundle["influence"])
+    pipe = CollaborativePipeline(branches, vae_model, scale, noise_schedule(cfg, parts.schedule).alphas_cumprod,
+                                 influence=influence, latent_size=latent)
     if bundle:
         pipe.is_demo = True
+        pipe.demo_settings = bundle
         pipe.x0_threshold = bundle.get("x0_threshold")
     return pipe

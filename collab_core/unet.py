@@ -8,26 +8,23 @@ configs use 32 heads everywhere, which is the default here, and a YAML override 
 
 The key map is explicit rather than borrowed from diffusers' single-file loaders, because those
 are internal API and expect ``model.diffusion_model.*`` prefixes the collaborative file does not
-have (see docs/diffusers-mapping.md).
+have (the reference's keys sit under ``model.seg_mask_unet.`` / ``model.text_unet.``).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .errors import CheckpointError, ConfigError
+from .keytable import (KeyRule, KeyTable, child_indices, convert_with_table, diffusers_shapes, instantiate_converted,
+                       ldm_shapes, sample_keys)
 
 __all__ = [
     "DEFAULT_NUM_HEADS",
-    "KeyRule",
-    "KeyTable",
     "UNetConfig",
     "build_unet",
     "convert_unet_state_dict",
@@ -41,131 +38,6 @@ log = logging.getLogger(__name__)
 DEFAULT_NUM_HEADS = 32
 _NORM_GROUPS = 32
 _warned_default_heads = False
-
-
-# --------------------------------------------------------------------------------------------
-# Generic prefix-based key table (shared with vae.py)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KeyRule:
-    """``src`` (LDM) and ``dst`` (diffusers) are whole-component key prefixes.
-
-    ``sub`` maps the part between the prefix and the parameter name (``None`` = kept as is);
-    ``squeeze`` lists sub-keys whose ``[C, C, 1, 1]`` conv weights are ``[C, C]`` Linear weights
-    in diffusers.
-    """
-
-    src: str
-    dst: str
-    sub: Mapping[str, str] | None = None
-    squeeze: frozenset[str] = frozenset()
-
-
-class KeyTable:
-    """Bidirectional LDM <-> diffusers key renaming by longest component prefix."""
-
-    def __init__(self, rules: Iterable[KeyRule]):
-        self.rules = list(rules)
-        self._fwd = {r.src: r for r in self.rules}
-        self._bwd = {r.dst: r for r in self.rules}
-        self._max_depth = max((max(r.src.count("."), r.dst.count(".")) + 1 for r in self.rules), default=1)
-
-    @staticmethod
-    def _lookup(key: str, table: Mapping[str, KeyRule], depth: int) -> tuple[KeyRule, str] | None:
-        parts = key.split(".")
-        for n in range(min(depth, len(parts) - 1), 0, -1):
-            rule = table.get(".".join(parts[:n]))
-            if rule is not None:
-                return rule, ".".join(parts[n:])
-        return None
-
-    def _map(self, key: str, forward: bool) -> tuple[str, bool] | None:
-        found = self._lookup(key, self._fwd if forward else self._bwd, self._max_depth)
-        if found is None:
-            return None
-        rule, rest = found
-        head, _, param = rest.rpartition(".")
-        if rule.sub is None:
-            new_rest, sub_src = rest, head
-        else:
-            sub = rule.sub if forward else {v: k for k, v in rule.sub.items()}
-            if head not in sub:
-                return None
-            new_rest = f"{sub[head]}.{param}"
-            sub_src = head if forward else sub[head]
-        new_prefix = rule.dst if forward else rule.src
-        return f"{new_prefix}.{new_rest}", (param == "weight" and sub_src in rule.squeeze)
-
-    def to_diffusers(self, key: str) -> tuple[str, bool] | None:
-        """(diffusers key, needs squeeze) or None when the key belongs to no rule."""
-        return self._map(key, True)
-
-    def to_ldm(self, key: str) -> tuple[str, bool] | None:
-        """(LDM key, needs unsqueeze) or None."""
-        return self._map(key, False)
-
-
-def _sample(keys: Iterable[str], n: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" ... ({len(keys)} in all)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def convert_with_table(
-    sd: Mapping[str, torch.Tensor],
-    table: KeyTable,
-    expected: Mapping[str, torch.Size],
-    what: str,
-    forward: bool = True,
-    ignore: Callable[[str], bool] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Rename ``sd`` with ``table`` and check the result against ``expected`` shapes.
-
-    Errors name keys in the *input's* layout, which is what the user's file contains.
-    """
-    out: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for key, value in sd.items():
-        if ignore is not None and ignore(key):
-            continue
-        mapped = table.to_diffusers(key) if forward else table.to_ldm(key)
-        if mapped is None:
-            unexpected.append(key)
-            continue
-        new_key, reshape = mapped
-        if reshape:
-            if forward and value.ndim == 4 and value.shape[2:] == (1, 1):
-                value = value[:, :, 0, 0]
-            elif not forward and value.ndim == 2:
-                value = value[:, :, None, None]
-        if new_key in expected:
-            out[new_key] = value
-        else:
-            unexpected.append(key)
-    back = table.to_ldm if forward else table.to_diffusers
-    missing = []
-    for k in expected:
-        if k not in out:
-            m = back(k)
-            missing.append(m[0] if m else k)
-    wrong = []
-    for k, v in out.items():
-        exp = expected[k]
-        if tuple(v.shape) != tuple(exp):
-            wrong.append(f"{k}: {tuple(v.shape)} vs expected {tuple(exp)}")
-    if unexpected or missing or wrong:
-        msg = [f"{what}: the weights do not fit the inferred architecture."]
-        if missing:
-            msg.append(f"missing keys: {_sample(missing)}")
-        if unexpected:
-            msg.append(f"unexpected keys: {_sample(unexpected)}")
-        if wrong:
-            msg.append(f"shape mismatches: {_sample(wrong, 4)}")
-        msg.append("The file may be incomplete or not the network it is loaded as.")
-        raise CheckpointError(" ".join(msg))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,16 +111,11 @@ def _need(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     t = sd.get(key)
     if t is None:
         raise CheckpointError(
-            f"not an LDM UNet state dict: key {key!r} is missing (keys look like: {_sample(sd, 5)}). "
+            f"not an LDM UNet state dict: key {key!r} is missing (keys look like: {sample_keys(sd, 5)}). "
             "Expected keys such as 'input_blocks.0.0.weight', 'middle_block.1.proj_in.weight', "
             "'out.2.weight' (prefix already removed)."
         )
     return t
-
-
-def _child_indices(sd: Iterable[str], prefix: str) -> list[int]:
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return sorted({int(m.group(1)) for k in sd if (m := pat.match(k))})
 
 
 def official_unet_config(kind: str = "unet") -> UNetConfig:
@@ -267,7 +134,120 @@ def official_unet_config(kind: str = "unet") -> UNetConfig:
 
 
 def _depth(sd: Mapping[str, torch.Tensor], attn_prefix: str) -> int:
-    return len(_child_indices(sd, f"{attn_prefix}.transformer_blocks."))
+    return len(child_indices(sd, f"{attn_prefix}.transformer_blocks."))
+
+
+@dataclass(frozen=True)
+class _Levels:
+    """The resolution levels of an LDM UNet read from its input blocks."""
+
+    widths: tuple[int, ...]
+    attention: tuple[bool, ...]
+    depths: tuple[int, ...]  # transformer depth per level (0 without attention)
+    layers: int  # res blocks per level
+    per: int  # input blocks per level, the downsampler slot included
+
+
+def _read_levels(sd: Mapping[str, torch.Tensor], model_channels: int) -> _Levels:
+    in_idx = child_indices(sd, "input_blocks.")
+    n_in = max(in_idx) + 1
+    downs = [i for i in in_idx if f"input_blocks.{i}.0.op.weight" in sd]
+    per = downs[0] if downs else n_in  # blocks per level incl. the downsampler slot
+    layers = per - 1
+    if layers < 1 or n_in % per:
+        raise ConfigError(
+            f"unsupported UNet layout: {n_in} input blocks with downsamplers at {downs}; "
+            "expected the LDM UNetModel pattern (conv_in, res blocks per level, a downsampler "
+            "between levels; resblock_updown is not supported)"
+        )
+    levels = n_in // per
+    if downs != [(i + 1) * per for i in range(levels - 1)]:
+        raise ConfigError(f"unsupported UNet layout: downsamplers at {downs}, expected every {per} blocks")
+    widths, attention, depths = [], [], []
+    for lvl in range(levels):
+        first = 1 + lvl * per
+        widths.append(int(_need(sd, f"input_blocks.{first}.0.out_layers.3.weight").shape[0]))
+        has = [f"input_blocks.{first + j}.1.norm.weight" in sd for j in range(layers)]
+        if any(has) and not all(has):
+            raise ConfigError(f"unsupported UNet: level {lvl} has attention on some res blocks only")
+        attention.append(all(has))
+        depths.append(_depth(sd, f"input_blocks.{first}.1") if all(has) else 0)
+    if widths[0] != model_channels:
+        raise ConfigError(
+            f"unsupported UNet: level-0 width {widths[0]} differs from conv_in width {model_channels} "
+            "(channel_mult[0] must be 1)"
+        )
+    for w in widths:
+        if w % _NORM_GROUPS:
+            raise ConfigError(f"UNet width {w} is not divisible by the {_NORM_GROUPS} GroupNorm groups")
+    out_idx = child_indices(sd, "output_blocks.")
+    if len(out_idx) != levels * per:
+        raise CheckpointError(
+            f"UNet has {len(out_idx)} output blocks, expected {levels * per} for {levels} levels of "
+            f"{layers} res blocks; the file is incomplete or not an LDM UNet"
+        )
+    return _Levels(tuple(widths), tuple(attention), tuple(depths), layers, per)
+
+
+def _transformer_layers(sd: Mapping[str, torch.Tensor], lv: _Levels) -> int | tuple[int, ...]:
+    """Transformer depth: one number when every attention level and the middle block agree, else per level."""
+    if "middle_block.1.proj_in.weight" not in sd:
+        raise ConfigError("unsupported UNet: the middle block has no spatial transformer")
+    mid_depth = _depth(sd, "middle_block.1")
+    level_depths = [d if a else mid_depth for d, a in zip(lv.depths, lv.attention)]
+    if all(d == mid_depth for d in level_depths):
+        return mid_depth
+    if level_depths[-1] != mid_depth:
+        raise ConfigError("unsupported UNet: middle transformer depth differs from the last level's")
+    return tuple(level_depths)
+
+
+def _cross_attention_dim(sd: Mapping[str, torch.Tensor]) -> int:
+    ctx_keys = [k for k in sd if k.endswith("attn2.to_k.weight")]
+    if not ctx_keys:
+        raise ConfigError("unsupported UNet: no cross-attention (attn2) weights found")
+    ctx_dims = {int(sd[k].shape[1]) for k in ctx_keys}
+    if len(ctx_dims) != 1:
+        raise ConfigError(f"unsupported UNet: cross-attention widths differ between blocks: {sorted(ctx_dims)}")
+    return ctx_dims.pop()
+
+
+def _attention_heads(lv: _Levels, num_heads: int | None, head_channels: int | None
+                     ) -> tuple[int | tuple[int, ...], str]:
+    """diffusers' ``attention_head_dim`` (the head count, per level when a tuple) and where it came from."""
+    global _warned_default_heads
+    attn_widths = [w for w, a in zip(lv.widths, lv.attention) if a] + [lv.widths[-1]]
+    if num_heads is not None and head_channels is not None:
+        raise ConfigError("give either num_heads or head_channels, not both")
+    if head_channels is not None:
+        if head_channels <= 0:
+            raise ConfigError(f"head_channels must be positive, got {head_channels}")
+        for w in attn_widths:
+            if w % head_channels:
+                raise ConfigError(f"UNet width {w} is not divisible by head_channels={head_channels}")
+        heads = tuple(max(1, w // head_channels) for w in lv.widths)
+        return (heads[0] if len(set(heads)) == 1 else heads), "override"
+    heads_from = "override"
+    if num_heads is None:
+        heads_from, num_heads = "default", DEFAULT_NUM_HEADS
+        if not _warned_default_heads:
+            _warned_default_heads = True
+            log.warning(
+                "attention head count is not stored in the weights; assuming the official %d "
+                "heads. If your model was trained with another num_heads, pass its official "
+                "YAML config (or num_heads).",
+                DEFAULT_NUM_HEADS,
+            )
+    if num_heads <= 0:
+        raise ConfigError(f"num_heads must be positive, got {num_heads}")
+    for w in attn_widths:
+        if w % num_heads:
+            raise ConfigError(
+                f"UNet width {w} is not divisible by num_heads={num_heads}"
+                + (" (the official default)" if heads_from == "default" else "")
+                + "; pass the num_heads of the model's official YAML config"
+            )
+    return int(num_heads), heads_from
 
 
 def infer_unet_config(
@@ -282,135 +262,31 @@ def infer_unet_config(
     ``num_heads`` (official YAML ``num_heads``) or ``head_channels`` (YAML ``num_head_channels``)
     set the attention heads; with neither, the official 32 heads are assumed (logged once).
     """
-    global _warned_default_heads
     conv_in = _need(sd, "input_blocks.0.0.weight")
     out_w = _need(sd, "out.2.weight")
     t_emb = _need(sd, "time_embed.0.weight")
     _need(sd, "middle_block.0.in_layers.2.weight")
-    in_channels = int(conv_in.shape[1])
     model_channels = int(conv_in.shape[0])
-    out_channels = int(out_w.shape[0])
-
-    in_idx = _child_indices(sd, "input_blocks.")
-    n_in = max(in_idx) + 1
-    downs = [i for i in in_idx if f"input_blocks.{i}.0.op.weight" in sd]
-    per = downs[0] if downs else n_in  # blocks per level incl. the downsampler slot
-    layers = per - 1
-    if layers < 1 or n_in % per:
-        raise ConfigError(
-            f"unsupported UNet layout: {n_in} input blocks with downsamplers at {downs}; "
-            "expected the LDM UNetModel pattern (conv_in, res blocks per level, a downsampler "
-            "between levels; resblock_updown is not supported)"
-        )
-    levels = n_in // per
-    if downs != [(i + 1) * per for i in range(levels - 1)]:
-        raise ConfigError(f"unsupported UNet layout: downsamplers at {downs}, expected every {per} blocks")
-
-    widths: list[int] = []
-    attention: list[bool] = []
-    depths: list[int] = []
-    for lvl in range(levels):
-        first = 1 + lvl * per
-        widths.append(int(_need(sd, f"input_blocks.{first}.0.out_layers.3.weight").shape[0]))
-        has = [f"input_blocks.{first + j}.1.norm.weight" in sd for j in range(layers)]
-        if any(has) and not all(has):
-            raise ConfigError(f"unsupported UNet: level {lvl} has attention on some res blocks only")
-        attention.append(all(has))
-        depths.append(_depth(sd, f"input_blocks.{first}.1") if all(has) else 0)
-    if widths[0] != model_channels:
-        raise ConfigError(
-            f"unsupported UNet: level-0 width {widths[0]} differs from conv_in width {model_channels} "
-            "(channel_mult[0] must be 1)"
-        )
-    if "middle_block.1.proj_in.weight" not in sd:
-        raise ConfigError("unsupported UNet: the middle block has no spatial transformer")
-    mid_depth = _depth(sd, "middle_block.1")
-
-    out_idx = _child_indices(sd, "output_blocks.")
-    if len(out_idx) != levels * per:
-        raise CheckpointError(
-            f"UNet has {len(out_idx)} output blocks, expected {levels * per} for {levels} levels of "
-            f"{layers} res blocks; the file is incomplete or not an LDM UNet"
-        )
-
-    ctx_keys = [k for k in sd if k.endswith("attn2.to_k.weight")]
-    if not ctx_keys:
-        raise ConfigError("unsupported UNet: no cross-attention (attn2) weights found")
-    ctx_dims = {int(sd[k].shape[1]) for k in ctx_keys}
-    if len(ctx_dims) != 1:
-        raise ConfigError(f"unsupported UNet: cross-attention widths differ between blocks: {sorted(ctx_dims)}")
-    cross_attention_dim = ctx_dims.pop()
-    use_linear = sd["middle_block.1.proj_in.weight"].ndim == 2
-
-    level_depths = [d if a else mid_depth for d, a in zip(depths, attention)]
-    if all(d == mid_depth for d in level_depths):
-        transformer_layers: int | tuple[int, ...] = mid_depth
-    else:
-        if level_depths[-1] != mid_depth:
-            raise ConfigError("unsupported UNet: middle transformer depth differs from the last level's")
-        transformer_layers = tuple(level_depths)
-
+    lv = _read_levels(sd, model_channels)
+    transformer_layers = _transformer_layers(sd, lv)
+    cross_attention_dim = _cross_attention_dim(sd)
     t_dim = int(t_emb.shape[0])
     if int(t_emb.shape[1]) != model_channels:
         raise ConfigError(
             f"unsupported UNet: timestep embedding input {int(t_emb.shape[1])} != model channels {model_channels}"
         )
-
-    for w in widths:
-        if w % _NORM_GROUPS:
-            raise ConfigError(f"UNet width {w} is not divisible by the {_NORM_GROUPS} GroupNorm groups")
-
-    attn_widths = [w for w, a in zip(widths, attention) if a] + [widths[-1]]
-    if num_heads is not None and head_channels is not None:
-        raise ConfigError("give either num_heads or head_channels, not both")
-    if head_channels is not None:
-        if head_channels <= 0:
-            raise ConfigError(f"head_channels must be positive, got {head_channels}")
-        for w in attn_widths:
-            if w % head_channels:
-                raise ConfigError(f"UNet width {w} is not divisible by head_channels={head_channels}")
-        heads: int | tuple[int, ...] = tuple(max(1, w // head_channels) for w in widths)
-        if len(set(heads)) == 1:
-            heads = heads[0]
-        heads_from = "override"
-    else:
-        if num_heads is None:
-            heads_from = "default"
-            num_heads = DEFAULT_NUM_HEADS
-            if not _warned_default_heads:
-                _warned_default_heads = True
-                log.warning(
-                    "attention head count is not stored in the weights; assuming the official %d "
-                    "heads. If your model was trained with another num_heads, pass its official "
-                    "YAML config (or num_heads).",
-                    DEFAULT_NUM_HEADS,
-                )
-        else:
-            heads_from = "override"
-        if num_heads <= 0:
-            raise ConfigError(f"num_heads must be positive, got {num_heads}")
-        for w in attn_widths:
-            if w % num_heads:
-                raise ConfigError(
-                    f"UNet width {w} is not divisible by num_heads={num_heads}"
-                    + (" (the official default)" if heads_from == "default" else "")
-                    + "; pass the num_heads of the model's official YAML config"
-                )
-        heads = int(num_heads)
-
-    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
-    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
+    heads, heads_from = _attention_heads(lv, num_heads, head_channels)
     return UNetConfig(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        block_out_channels=tuple(widths),
-        layers_per_block=layers,
-        down_block_types=down,
-        up_block_types=up,
+        in_channels=int(conv_in.shape[1]),
+        out_channels=int(out_w.shape[0]),
+        block_out_channels=lv.widths,
+        layers_per_block=lv.layers,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in lv.attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(lv.attention)),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=heads,
         transformer_layers_per_block=transformer_layers,
-        use_linear_projection=use_linear,
+        use_linear_projection=sd["middle_block.1.proj_in.weight"].ndim == 2,
         time_embedding_dim=None if t_dim == 4 * model_channels else t_dim,
         sample_size=sample_size,
         heads_from=heads_from,
@@ -467,28 +343,6 @@ def unet_key_table(config: UNetConfig) -> KeyTable:
     return KeyTable(rules)
 
 
-@functools.lru_cache(maxsize=32)
-def diffusers_shapes(model_class: str, config) -> dict[str, torch.Size]:
-    """Parameter shapes of diffusers' ``model_class`` built from ``config`` on the meta device (no memory)."""
-    import diffusers
-
-    with torch.device("meta"):
-        model = getattr(diffusers, model_class)(**config.diffusers_kwargs())
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-def ldm_shapes(table: KeyTable, shapes: Mapping[str, torch.Size], what: str) -> dict[str, torch.Size]:
-    """The LDM-layout keys and shapes that correspond to diffusers ``shapes`` under ``table``."""
-    expected = {}
-    for k, shape in shapes.items():
-        mapped = table.to_ldm(k)
-        if mapped is None:  # cannot happen unless diffusers grew a parameter we do not map
-            raise CheckpointError(f"diffusers {what} parameter {k!r} has no LDM counterpart")
-        name, unsqueeze = mapped
-        expected[name] = torch.Size((*shape, 1, 1)) if unsqueeze else shape
-    return expected
-
-
 def convert_unet_state_dict(sd: Mapping[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
     """LDM keys -> diffusers keys; every key must map and every diffusers weight must be filled."""
     return convert_with_table(sd, unet_key_table(config), diffusers_shapes("UNet2DConditionModel", config), "UNet")
@@ -499,26 +353,6 @@ def unet_state_dict_to_ldm(diffusers_sd: Mapping[str, torch.Tensor], config: UNe
     table = unet_key_table(config)
     expected_ldm = ldm_shapes(table, diffusers_shapes("UNet2DConditionModel", config), "UNet")
     return convert_with_table(diffusers_sd, table, expected_ldm, "UNet (diffusers layout)", forward=False)
-
-
-def instantiate_converted(model_class: str, config, converted: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                          device) -> torch.nn.Module:
-    """diffusers' ``model_class`` built on the meta device with ``converted`` assigned into it (eval mode, no
-    gradients): no random initialisation runs and memory-mapped weights are not copied a second time."""
-    import diffusers
-
-    with torch.device("meta"):
-        model = getattr(diffusers, model_class)(**config.diffusers_kwargs())
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)
-    if not any(t.is_meta for t in tensors.values()):  # meta in, meta out: shape-only builds skip the check
-        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-        if left:
-            raise CheckpointError(f"internal error: no weights for {_sample(left)}")
-    model = model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 def build_unet(

@@ -11,14 +11,14 @@ should copy for bit-level agreement.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .unet import (KeyRule, KeyTable, _child_indices, _sample, convert_with_table, diffusers_shapes, instantiate_converted,
-                   ldm_shapes)
+from .keytable import (KeyRule, KeyTable, child_indices, convert_with_table, diffusers_shapes, instantiate_converted,
+                       ldm_shapes, sample_keys)
 
 __all__ = [
     "OFFICIAL_SCALE_FACTORS",
@@ -27,6 +27,7 @@ __all__ = [
     "convert_vae_state_dict",
     "default_scale_factor",
     "infer_vae_config",
+    "vae_ddconfig",
     "vae_key_table",
     "vae_state_dict_to_ldm",
 ]
@@ -88,7 +89,7 @@ def _need(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     t = sd.get(key)
     if t is None:
         raise CheckpointError(
-            f"not an LDM KL-VAE state dict: key {key!r} is missing (keys look like: {_sample(sd, 5)}). "
+            f"not an LDM KL-VAE state dict: key {key!r} is missing (keys look like: {sample_keys(sd, 5)}). "
             "Expected keys such as 'encoder.conv_in.weight', 'decoder.up.0.block.0.conv1.weight', "
             "'post_quant_conv.weight' (prefix already removed)."
         )
@@ -102,11 +103,11 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
     enc_out = _need(sd, "encoder.conv_out.weight")
     quant = _need(sd, "quant_conv.weight")
     post = _need(sd, "post_quant_conv.weight")
-    levels = _child_indices(sd, "encoder.down.")
+    levels = child_indices(sd, "encoder.down.")
     if not levels or levels != list(range(len(levels))):
         raise CheckpointError(f"VAE encoder levels are not contiguous: {levels}")
     n = len(levels)
-    layers = len(_child_indices(sd, "encoder.down.0.block."))
+    layers = len(child_indices(sd, "encoder.down.0.block."))
     widths = tuple(int(_need(sd, f"encoder.down.{i}.block.0.conv2.weight").shape[0]) for i in range(n))
     z_channels = int(post.shape[0])
     embed_dim = int(post.shape[1])
@@ -121,7 +122,7 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
         raise ConfigError("unsupported VAE: conv_in width differs from the first level's width")
     if any(".attn." in k for k in sd if k.startswith(("encoder.down.", "decoder.up."))):
         raise ConfigError("unsupported VAE: attention inside resolution levels (attn_resolutions not empty)")
-    dec_layers = len(_child_indices(sd, "decoder.up.0.block."))
+    dec_layers = len(child_indices(sd, "decoder.up.0.block."))
     if dec_layers != layers + 1:
         raise CheckpointError(
             f"VAE decoder has {dec_layers} res blocks per level, expected {layers + 1}; incomplete file?"
@@ -138,6 +139,30 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
         mid_block_add_attention="encoder.mid.attn_1.q.weight" in sd,
         sample_size=64 * 2 ** (n - 1),
     )
+
+
+def vae_ddconfig(block_out_channels: Sequence[int], layers_per_block: int, latent_channels: int,
+                 in_channels: int = 3, out_channels: int = 3, mid_attention: bool = True,
+                 resolution: int = 256) -> dict:
+    """The LDM ``ddconfig`` (as in the official YAML) of a KL-VAE described by :class:`VAEConfig` fields: what the
+    exported YAMLs hold and what ComfyUI's own ``AutoencoderKL`` is built from (a real host VAE)."""
+    ch = int(block_out_channels[0])
+    if any(int(w) % ch for w in block_out_channels):
+        raise ConfigError(f"VAE widths {tuple(block_out_channels)} are not multiples of the first width {ch}")
+    if not mid_attention:
+        raise ConfigError("this VAE has no middle attention block; the LDM KL-VAE (and the host's) always has one")
+    return {
+        "double_z": True,
+        "z_channels": int(latent_channels),
+        "resolution": int(resolution),
+        "in_channels": int(in_channels),
+        "out_ch": int(out_channels),
+        "ch": ch,
+        "ch_mult": [int(w) // ch for w in block_out_channels],
+        "num_res_blocks": int(layers_per_block),
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
 
 
 def default_scale_factor(config: VAEConfig) -> float:

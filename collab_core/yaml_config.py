@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS
 
 __all__ = [
     "OFFICIAL_LINEAR_END",
@@ -35,9 +36,9 @@ TEXT_ENCODER_DIM_HEAD = 64
 _MODALITY_ALIASES = {"seg_mask": "mask"}
 
 # The official schedule (every official config), used where a config leaves it out.
-OFFICIAL_LINEAR_START = 0.0015
-OFFICIAL_LINEAR_END = 0.0195
-OFFICIAL_TIMESTEPS = 1000
+OFFICIAL_LINEAR_START = LINEAR_START
+OFFICIAL_LINEAR_END = LINEAR_END
+OFFICIAL_TIMESTEPS = NUM_TIMESTEPS
 
 
 @dataclass
@@ -57,7 +58,7 @@ class OfficialConfig:
     mask_embed_dim: int | None = None
     mask_context_dim: int | None = None
     scale_factor: float | None = None
-    image_size: int | None = None  # the LDM's latent side (official 64); pixels = latent x VAE factor
+    latent_size: int | None = None  # the YAML's ``image_size``: the LDM's latent side (official 64), not pixels
     linear_start: float | None = None
     linear_end: float | None = None
     timesteps: int | None = None
@@ -142,7 +143,7 @@ def _read_schedule(params: Mapping, cfg: OfficialConfig) -> None:
     cfg.linear_start = _opt_float(params.get("linear_start"), "linear_start")
     cfg.linear_end = _opt_float(params.get("linear_end"), "linear_end")
     cfg.timesteps = _opt_int(params.get("timesteps"), "timesteps")
-    cfg.image_size = _opt_int(params.get("image_size"), "image_size")
+    cfg.latent_size = _opt_int(params.get("image_size"), "image_size")
 
 
 def _read_vae(params: Mapping, cfg: OfficialConfig) -> None:
@@ -165,7 +166,8 @@ def _resolve(ref: str, config_path: Path) -> Path | None:
     return None
 
 
-def _read(path: Path, depth: int) -> OfficialConfig:
+def _load_model_node(path: Path) -> Mapping:
+    """The ``model:`` mapping of an official YAML (plain data only)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -182,64 +184,81 @@ def _read(path: Path, depth: int) -> OfficialConfig:
             f"{path} has no `model.target`; expected an official Collaborative Diffusion config "
             "(e.g. configs/512_codiff_mask_text.yaml, 512_text.yaml, 512_mask.yaml, 512_vae.yaml)"
         )
+    return model
+
+
+def _read_codiff(params: Mapping, cfg: OfficialConfig, path: Path, depth: int) -> None:
+    """``LatentDiffusionCompose``: the diffusers' heads here, each branch's from its sub-config."""
+    cfg.kind = "codiff"
+    _read_schedule(params, cfg)
+    _read_vae(_params(params.get("first_stage_config")), cfg)
+    compose = _params(params.get("compose_unet_config"))
+    predictor = _params(compose.get("confidence_map_predictor_config"))
+    cfg.diffuser_num_heads, cfg.diffuser_num_head_channels = _heads(predictor, cfg, "dynamic diffuser")
+    for key, ref in params.items():
+        if not key.endswith("_ldm_config_path") or not isinstance(ref, str):
+            continue
+        name = key[: -len("_ldm_config_path")]
+        modality = _MODALITY_ALIASES.get(name, name)
+        sub_path = _resolve(ref, path)
+        if sub_path is None:
+            cfg.notes.append(f"sub-config {ref!r} for {modality} not found next to {path}; its UNet heads are unknown")
+            continue
+        if depth > 2:
+            raise ConfigError(f"{path}: sub-configs nest too deeply (cycle?)")
+        _take_branch(cfg, modality, _read(sub_path, depth + 1))
+    distinct = set(cfg.unet_heads_by_modality.values())
+    if len(distinct) == 1:
+        cfg.unet_num_heads = distinct.pop()
+
+
+def _take_branch(cfg: OfficialConfig, modality: str, sub: OfficialConfig) -> None:
+    """What a collaborative config learns from one branch's uni-modal sub-config."""
+    cfg.sub_configs[modality] = sub
+    if sub.unet_num_heads is not None:
+        cfg.unet_heads_by_modality[modality] = sub.unet_num_heads
+    if sub.text_n_embed is not None:
+        cfg.text_n_embed, cfg.text_n_layer = sub.text_n_embed, sub.text_n_layer
+    if sub.mask_embed_dim is not None:
+        cfg.mask_embed_dim, cfg.mask_context_dim = sub.mask_embed_dim, sub.mask_context_dim
+    if cfg.vae_ddconfig is None and sub.vae_ddconfig is not None:
+        cfg.vae_ddconfig, cfg.vae_embed_dim = sub.vae_ddconfig, sub.vae_embed_dim
+
+
+def _read_unimodal(params: Mapping, cfg: OfficialConfig) -> None:
+    """``LatentDiffusion`` / ``DDPM``: one UNet, its heads, and the modality its condition encoder names."""
+    cfg.kind = "unimodal"
+    _read_schedule(params, cfg)
+    unet = _params(params.get("unet_config"))
+    cfg.unet_num_heads, cfg.unet_num_head_channels = _heads(unet, cfg, "UNet")
+    _read_vae(_params(params.get("first_stage_config")), cfg)
+    cond = params.get("cond_stage_config")
+    cond_cls = _target(cond).rsplit(".", 1)[-1]
+    cp = _params(cond)
+    if cond_cls == "BERTEmbedder":
+        cfg.kind = cfg.modality = "text"
+        cfg.text_n_embed = _opt_int(cp.get("n_embed"), "n_embed")
+        cfg.text_n_layer = _opt_int(cp.get("n_layer"), "n_layer")
+    elif cond_cls == "SegMaskEncoder":
+        cfg.kind = cfg.modality = "mask"
+        cfg.mask_embed_dim = _opt_int(cp.get("mask_embed_dim"), "mask_embed_dim")
+        cfg.mask_context_dim = _opt_int(cp.get("context_dim"), "context_dim")
+    elif cond_cls:
+        cfg.notes.append(f"unknown condition encoder {cond_cls}")
+    if cfg.modality and cfg.unet_num_heads is not None:
+        cfg.unet_heads_by_modality[cfg.modality] = cfg.unet_num_heads
+
+
+def _read(path: Path, depth: int) -> OfficialConfig:
+    model = _load_model_node(path)
     target = _target(model)
     params = _params(model)
     cfg = OfficialConfig(path=path)
     cls = target.rsplit(".", 1)[-1]
-
     if cls == "LatentDiffusionCompose":
-        cfg.kind = "codiff"
-        _read_schedule(params, cfg)
-        _read_vae(_params(params.get("first_stage_config")), cfg)
-        compose = _params(params.get("compose_unet_config"))
-        predictor = _params(compose.get("confidence_map_predictor_config"))
-        cfg.diffuser_num_heads, cfg.diffuser_num_head_channels = _heads(predictor, cfg, "dynamic diffuser")
-        for key, ref in params.items():
-            if not key.endswith("_ldm_config_path") or not isinstance(ref, str):
-                continue
-            name = key[: -len("_ldm_config_path")]
-            modality = _MODALITY_ALIASES.get(name, name)
-            sub_path = _resolve(ref, path)
-            if sub_path is None:
-                cfg.notes.append(f"sub-config {ref!r} for {modality} not found next to {path}; its UNet heads are unknown")
-                continue
-            if depth > 2:
-                raise ConfigError(f"{path}: sub-configs nest too deeply (cycle?)")
-            sub = _read(sub_path, depth + 1)
-            cfg.sub_configs[modality] = sub
-            heads = sub.unet_num_heads
-            if heads is not None:
-                cfg.unet_heads_by_modality[modality] = heads
-            if sub.text_n_embed is not None:
-                cfg.text_n_embed, cfg.text_n_layer = sub.text_n_embed, sub.text_n_layer
-            if sub.mask_embed_dim is not None:
-                cfg.mask_embed_dim, cfg.mask_context_dim = sub.mask_embed_dim, sub.mask_context_dim
-            if cfg.vae_ddconfig is None and sub.vae_ddconfig is not None:
-                cfg.vae_ddconfig, cfg.vae_embed_dim = sub.vae_ddconfig, sub.vae_embed_dim
-        distinct = set(cfg.unet_heads_by_modality.values())
-        if len(distinct) == 1:
-            cfg.unet_num_heads = distinct.pop()
-    elif cls == "LatentDiffusion" or cls == "DDPM":
-        cfg.kind = "unimodal"
-        _read_schedule(params, cfg)
-        unet = _params(params.get("unet_config"))
-        cfg.unet_num_heads, cfg.unet_num_head_channels = _heads(unet, cfg, "UNet")
-        _read_vae(_params(params.get("first_stage_config")), cfg)
-        cond = params.get("cond_stage_config")
-        cond_cls = _target(cond).rsplit(".", 1)[-1]
-        cp = _params(cond)
-        if cond_cls == "BERTEmbedder":
-            cfg.kind = cfg.modality = "text"
-            cfg.text_n_embed = _opt_int(cp.get("n_embed"), "n_embed")
-            cfg.text_n_layer = _opt_int(cp.get("n_layer"), "n_layer")
-        elif cond_cls == "SegMaskEncoder":
-            cfg.kind = cfg.modality = "mask"
-            cfg.mask_embed_dim = _opt_int(cp.get("mask_embed_dim"), "mask_embed_dim")
-            cfg.mask_context_dim = _opt_int(cp.get("context_dim"), "context_dim")
-        elif cond_cls:
-            cfg.notes.append(f"unknown condition encoder {cond_cls}")
-        if cfg.modality and cfg.unet_num_heads is not None:
-            cfg.unet_heads_by_modality[cfg.modality] = cfg.unet_num_heads
+        _read_codiff(params, cfg, path, depth)
+    elif cls in ("LatentDiffusion", "DDPM"):
+        _read_unimodal(params, cfg)
     elif cls == "AutoencoderKL":
         cfg.kind = "vae"
         _read_vae(params, cfg)

@@ -26,17 +26,24 @@ import comfy.supported_models_base
 import comfy.utils
 import folder_paths
 
-from ..collab_core.checkpoint import read_checkpoint_metadata, read_state_dict
-from ..collab_core.errors import ConfigError
-from ..collab_core.layout import CheckpointParts, split_checkpoint
-from ..collab_core.models import WHERE_TO_GET, demo_bundle_dir, demo_defaults, find_config
-from ..collab_core.schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS, make_alphas_cumprod
-from ..collab_core.vae import default_scale_factor, infer_vae_config
-from ..collab_core.yaml_config import OfficialConfig, read_official_config
-from . import adapters
-from .adapters import AUTO, MODEL_FOLDER, CollabNodeError
+from ..collab_core.checkpoint import read_checkpoint_metadata
+from ..collab_core.layout import CheckpointParts
+from ..collab_core.models import WHERE_TO_GET, build_encoder, demo_bundle_dir, demo_defaults
+from ..collab_core.schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS
+from ..collab_core.settings import (CONFIG_SUFFIXES, noise_schedule, resolve_config, resolve_scale_factor,
+                                    split_file_lists)
+from ..collab_core.vae import infer_vae_config, vae_ddconfig
+from ..collab_core.yaml_config import OfficialConfig
+from .errors import CollabNodeError
 
 log = logging.getLogger("collaborative_diffusion")
+
+#: Folder under the host's models directory that the loaders list (checkpoints/ is listed too).
+MODEL_FOLDER = "collaborative_diffusion"
+#: A rough linear map from the 3-channel CD latent to RGB, only for live previews (Latent2RGB).
+LATENT_RGB_FACTORS = [[0.45, 0.10, 0.05], [0.10, 0.45, 0.10], [0.05, 0.10, 0.45]]
+#: The combo value meaning "from the file / config".
+AUTO = "auto"
 
 
 # ------------------------------------------------------------------------------------------------- folders
@@ -46,7 +53,7 @@ def register_folders() -> None:
     """Add ``models/collaborative_diffusion`` (checkpoints and official YAMLs) without overwriting user paths,
     and, after it, the pack's own demo bundle, so that the demo models are listed on a fresh install."""
     default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-    exts = set(folder_paths.supported_pt_extensions) | set(adapters.CONFIG_SUFFIXES)
+    exts = set(folder_paths.supported_pt_extensions) | set(CONFIG_SUFFIXES)
     entry = folder_paths.folder_names_and_paths.get(MODEL_FOLDER)
     paths = list(entry[0]) if entry else []
     demo = demo_bundle_dir()
@@ -63,11 +70,11 @@ def checkpoint_names() -> list[str]:
         names += folder_paths.get_filename_list("checkpoints")
     except Exception:  # pragma: no cover - a host without the folder
         pass
-    return adapters.split_file_lists(names)[0]
+    return split_file_lists(names)[0]
 
 
 def config_names() -> list[str]:
-    return [AUTO] + adapters.split_file_lists(folder_paths.get_filename_list(MODEL_FOLDER))[1]
+    return [AUTO] + split_file_lists(folder_paths.get_filename_list(MODEL_FOLDER))[1]
 
 
 def checkpoint_path(name: str, node: str) -> Path:
@@ -109,22 +116,17 @@ def bundled_masks() -> dict[str, Path]:
     return found
 
 
-def read_parts(path: Path) -> CheckpointParts:
-    return split_checkpoint(read_state_dict(path), read_checkpoint_metadata(path))
-
-
 def read_config(config: str, ckpt: Path, node: str) -> OfficialConfig:
-    """The official YAML: chosen in the node, or found beside the checkpoint ('auto'), else empty."""
+    """The checkpoint's settings as the core resolves them (:func:`collab_core.settings.resolve_config`): the
+    YAML chosen in the node (else, 'auto', the one beside the checkpoint), then the file's metadata."""
+    chosen = []
     if config and config != AUTO:
         p = folder_paths.get_full_path(MODEL_FOLDER, config)
         if not p:
             raise CollabNodeError(node, f"config '{config}' not found in models/{MODEL_FOLDER}; choose 'auto'")
-        return read_official_config(p)
-    found = find_config(ckpt)
-    if found is None:
-        return OfficialConfig()
-    log.info("collaborative_diffusion: using config %s for %s", found, ckpt.name)
-    return read_official_config(found)
+        chosen = [Path(p)]
+    # a chosen YAML replaces the one beside the checkpoint rather than being filled in by it
+    return resolve_config([] if chosen else [ckpt], chosen, [read_checkpoint_metadata(ckpt)])
 
 
 # ------------------------------------------------------------------------------------------------- MODEL
@@ -134,7 +136,7 @@ class CollabLatentFormat(comfy.latent_formats.LatentFormat):
     """The 3-channel latent of the official KL-VAE; scale 0.141 (512 set) or 0.058 (256 set)."""
 
     latent_channels = 3
-    latent_rgb_factors = adapters.LATENT_RGB_FACTORS
+    latent_rgb_factors = LATENT_RGB_FACTORS
     latent_rgb_factors_bias = [0.0, 0.0, 0.0]
 
     def __init__(self, scale_factor: float = 0.141, channels: int = 3):
@@ -188,34 +190,21 @@ def model_info(model) -> Optional[ModelInfo]:
 
 
 def schedule_settings(cfg: OfficialConfig, parts: CheckpointParts, node: str) -> dict:
-    start = cfg.linear_start if cfg.linear_start is not None else LINEAR_START
-    end = cfg.linear_end if cfg.linear_end is not None else LINEAR_END
-    steps = cfg.timesteps if cfg.timesteps is not None else NUM_TIMESTEPS
-    stored = parts.schedule.get("alphas_cumprod")
-    if stored is not None:
-        ours = make_alphas_cumprod(start, end, steps)
-        # a half-precision copy of a checkpoint holds the same schedule, rounded
-        rtol = max(1e-5, 4 * torch.finfo(stored.dtype).eps) if stored.is_floating_point() else 1e-5
-        if stored.shape != ours.shape or not torch.allclose(stored.float(), ours, rtol=rtol, atol=1e-7):
-            raise CollabNodeError(
-                node,
-                f"the checkpoint's stored noise schedule is not the linear {start}-{end} schedule over {steps} steps "
-                "that the node would use; choose the model's official YAML in 'config' (put it in "
-                f"models/{MODEL_FOLDER}/)")
-    return {"beta_schedule": "linear", "linear_start": float(start), "linear_end": float(end), "timesteps": int(steps)}
+    """The host's ``sampling_settings``: the host samples with the linear schedule these name, so a file whose
+    stored schedule is another one is refused rather than sampled off its training."""
+    schedule = noise_schedule(cfg, parts.schedule)
+    if not schedule.stored_matches:
+        raise CollabNodeError(
+            node,
+            f"the checkpoint's stored noise schedule is not the linear {schedule.linear_start}-{schedule.linear_end} "
+            f"schedule over {schedule.timesteps} steps that the node would use; choose the model's official YAML in "
+            f"'config' (put it in models/{MODEL_FOLDER}/)")
+    return schedule.linear_settings()
 
 
 def scale_factor_for(cfg: OfficialConfig, parts: CheckpointParts, vae_sd: Optional[dict] = None) -> float:
-    if cfg.scale_factor is not None:
-        return float(cfg.scale_factor)
-    vae = vae_sd if vae_sd is not None else parts.vae
-    if vae is not None:
-        try:
-            return default_scale_factor(infer_vae_config(vae))
-        except ConfigError:
-            pass
-    log.warning("collaborative_diffusion: no VAE or config tells the latent scale factor; using the 512 set's 0.141")
-    return 0.141
+    """The latent scale factor of a MODEL (:func:`collab_core.settings.resolve_scale_factor`)."""
+    return resolve_scale_factor(cfg, vae_sd if vae_sd is not None else parts.vae)
 
 
 def build_model(unet_sd: dict, *, modality: str, source: str, heads: int, heads_from: str,
@@ -270,8 +259,8 @@ def host_patcher_class():
 def build_vae(vae_sd: dict, cfg: Optional[OfficialConfig] = None) -> comfy.sd.VAE:
     """An LDM KL-VAE state dict → a host VAE (ComfyUI's AutoencoderKL), sized from the weights' shapes."""
     vc = infer_vae_config(vae_sd)
-    dd = adapters.vae_ddconfig(vc.block_out_channels, vc.layers_per_block, vc.latent_channels, vc.in_channels,
-                               vc.out_channels, vc.mid_block_add_attention)
+    dd = vae_ddconfig(vc.block_out_channels, vc.layers_per_block, vc.latent_channels, vc.in_channels,
+                      vc.out_channels, vc.mid_block_add_attention)
     vae = comfy.sd.VAE(sd=dict(vae_sd), config={"params": {"ddconfig": dd, "embed_dim": vc.latent_channels}})
     factor = vc.downscale
     vae.latent_channels = vc.latent_channels
@@ -295,6 +284,12 @@ class CollabEncoder:
     @property
     def dim(self) -> int:
         return int(self.module.dim)
+
+
+def encoder_for(parts: CheckpointParts, modality: str, source: str) -> CollabEncoder:
+    """The condition encoder of ``modality`` as a host object (:func:`collab_core.models.build_encoder`)."""
+    module, kind = build_encoder(parts, modality, source)
+    return CollabEncoder(modality=modality, kind=kind, module=module, source=source)
 
 
 # ------------------------------------------------------------------------------------------------- diffusers

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from comfy_execution.graph_utils import ExecutionBlocker
 
-from ..collab_core.errors import CollabError
-from ..collab_core.mask_encoder import MaskEncoder
-from ..collab_core.text_encoder import TextEncoder
+from ..collab_core.models import read_parts
+from ..collab_core.settings import attention_heads
 from . import host
-from .adapters import AUTO, CollabNodeError, resolve_heads
+from .host import AUTO
+from .errors import CollabNodeError
 from .schema import CollabNode, Diffuser, Encoder, advanced, io
 
 MODALITY_CHOICES = [AUTO, "text", "mask"]
@@ -31,11 +31,11 @@ def _checkpoint_input(name: str, tooltip: str):
     return io.Combo.Input(name, options=host.checkpoint_names(), tooltip=tooltip)
 
 
-
 def _read_checkpoint(node, ckpt_name, config):
-    """The file behind a loader's choice, split into parts, with its official config (if any)."""
+    """The file behind a loader's choice, split into parts, with its settings (:func:`host.read_config`)."""
     path = host.checkpoint_path(ckpt_name, node)
-    return path, host.read_parts(path), host.read_config(config, path, node)
+    return path, read_parts(path), host.read_config(config, path, node)
+
 
 class CollabUnimodalLoader(CollabNode):
     """Load a uni-modal Collaborative Diffusion model (512_text.ckpt, 512_mask.ckpt, or one branch of the
@@ -80,13 +80,12 @@ class CollabUnimodalLoader(CollabNode):
         elif modality not in parts.unets:
             raise CollabNodeError(node, f"{path.name} holds no '{modality}' model, only {names}; set 'modality' to one "
                                         "of them or 'auto'")
-        n_heads, heads_from = resolve_heads(heads, cfg.unet_heads(modality))
-        head_channels = cfg.unet_num_head_channels if not heads and cfg.unet_heads(modality) is None else None
+        h = attention_heads(cfg, modality, "unet", override=heads, what="UNet")
         model = host.build_model(
-            parts.unets[modality], modality=modality, source=path.name, heads=n_heads, heads_from=heads_from,
-            head_channels=head_channels, scale_factor=host.scale_factor_for(cfg, parts),
+            parts.unets[modality], modality=modality, source=path.name, heads=h.num_heads, heads_from=h.source,
+            head_channels=h.head_channels, scale_factor=host.scale_factor_for(cfg, parts),
             schedule=host.schedule_settings(cfg, parts, node), node=node)
-        encoder = cls._encoder(parts, modality, path.name)
+        encoder = host.encoder_for(parts, modality, path.name)
         info = host.model_info(model)
         if info.context_dim and encoder.dim != info.context_dim:
             raise CollabNodeError(node, f"{path.name}: the {modality} UNet attends to {info.context_dim}-dim tokens but "
@@ -97,17 +96,6 @@ class CollabUnimodalLoader(CollabNode):
             vae = ExecutionBlocker(f"[{node}] {path.name} holds no VAE; load 512_vae (or 256_vae) with "
                                    "Load Collaborative VAE and wire that VAE instead")
         return (model, encoder, vae)
-
-    @staticmethod
-    def _encoder(parts, modality: str, source: str) -> host.CollabEncoder:
-        if modality in parts.text_encoders:
-            module = TextEncoder.from_state_dict(parts.text_encoders[modality]).float().eval()
-            return host.CollabEncoder(modality=modality, kind="text", module=module, source=source)
-        if modality in parts.mask_encoders:
-            module = MaskEncoder.from_state_dict(parts.mask_encoders[modality]).float().eval()
-            return host.CollabEncoder(modality=modality, kind="mask", module=module, source=source)
-        raise CollabError(f"{source} holds no condition encoder for its {modality} model; use the official "
-                          "uni-modal or collaborative checkpoint, which carry the encoder")
 
 
 class CollabVAELoader(CollabNode):
@@ -130,7 +118,7 @@ class CollabVAELoader(CollabNode):
     def run(cls, vae_name):
         node = cls.NAME
         path = host.checkpoint_path(vae_name, node)
-        parts = host.read_parts(path)
+        parts = read_parts(path)
         if parts.vae is None:
             raise CollabNodeError(node, f"{path.name} holds no VAE ({parts.describe().splitlines()[0]}); choose "
                                         "512_vae / 256_vae or an official uni-modal/collaborative checkpoint")
@@ -164,15 +152,14 @@ class CollabDiffuserLoader(CollabNode):
         if not parts.diffusers:
             raise CollabNodeError(node, f"{path.name} holds no dynamic diffusers ({parts.describe().splitlines()[0]}); "
                                         "choose the collaborative checkpoint (e.g. 512_codiff_mask_text.ckpt)")
-        n_heads, heads_from = resolve_heads(heads, cfg.diffuser_num_heads)
-        head_channels = cfg.diffuser_num_head_channels if not heads and cfg.diffuser_num_heads is None else None
         order = [m for m in parts.modalities if m in parts.diffusers]
         patchers = {}
         scale = host.scale_factor_for(cfg, parts)
         schedule = host.schedule_settings(cfg, parts, node)
         for m in order:
-            patchers[m] = host.build_model(parts.diffusers[m], modality=m, source=path.name, heads=n_heads,
-                                           heads_from=heads_from, head_channels=head_channels,
+            h = attention_heads(cfg, m, "diffuser", override=heads, what="dynamic diffuser")
+            patchers[m] = host.build_model(parts.diffusers[m], modality=m, source=path.name, heads=h.num_heads,
+                                           heads_from=h.source, head_channels=h.head_channels,
                                            scale_factor=scale, schedule=schedule, role="dynamic diffuser",
                                            node=node)
         return (host.DynamicDiffuser(modalities=order, patchers=patchers, source=path.name), ", ".join(order))

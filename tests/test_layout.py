@@ -153,6 +153,7 @@ def test_write_parts_roundtrip(tmp_path):
             "vae.safetensors",
             "text_text_encoder.safetensors",
             "mask_mask_encoder.safetensors",
+            "noise_schedule.safetensors",  # the schedule buffers travel too: a converted file loses nothing
         ]
     )
     merged = CheckpointParts(kind="part")
@@ -168,6 +169,9 @@ def test_write_parts_roundtrip(tmp_path):
         merged.mask_encoders.update(p.mask_encoders)
         if p.vae is not None:
             merged.vae = p.vae
+        merged.schedule.update(p.schedule)
+    assert merged.schedule.keys() == {"alphas_cumprod", "betas"}
+    assert all(torch.equal(parts.schedule[k], merged.schedule[k]) for k in parts.schedule)
     for field in ("unets", "diffusers", "text_encoders", "mask_encoders"):
         a, b = getattr(parts, field), getattr(merged, field)
         assert a.keys() == b.keys(), field
@@ -175,6 +179,15 @@ def test_write_parts_roundtrip(tmp_path):
             assert a[m].keys() == b[m].keys()
             assert all(torch.equal(a[m][k], b[m][k]) for k in a[m])
     assert all(torch.equal(parts.vae[k], merged.vae[k]) for k in parts.vae)
+
+
+def test_unrecognised_tensors_are_written_apart_and_read_back_as_ignored(tmp_path):
+    sd = {**_collab_sd(), "something.else": _t(7)}
+    parts = split_checkpoint(sd)
+    files = write_parts(parts, tmp_path, "x.ckpt", unrecognised={k: sd[k] for k in parts.ignored})
+    (kept,) = [f for f in files if f.name == "unrecognised_tensors.safetensors"]
+    assert torch.equal(read_state_dict(kept)["something.else"], _t(7))
+    assert split_checkpoint(read_state_dict(kept), read_checkpoint_metadata(kept)).ignored == ["something.else"]
 
 
 def test_part_metadata_errors():

@@ -10,7 +10,8 @@ from collab_core.checkpoint import read_checkpoint_metadata, save_safetensors
 from collab_core.errors import BranchMismatchError, CheckpointError
 from collab_core.layout import split_checkpoint, write_parts
 from collab_core.checkpoint import read_state_dict
-from collab_core.models import find_checkpoints, find_config, load_pipeline, role_of
+from collab_core.models import find_checkpoints, load_pipeline, role_of
+from collab_core.settings import find_config
 from collab_core.text_encoder import TextEncoder
 
 
@@ -36,8 +37,10 @@ def test_find_checkpoints_needs_prefix_for_two_sets(tmp_path):
 
 
 def _manifest_file(ref_dir, kind, suffix):
-    manifest = json.loads((ref_dir / "manifest.json").read_text())
-    return ref_dir / next(f for f in manifest["weights"]["checkpoints"][kind]["files"] if f.endswith(suffix))
+    """The set's ``kind`` checkpoint in the ``suffix`` form where it has one (a set may ship only ``.ckpt``)."""
+    from reference_set import reference_set
+
+    return reference_set(ref_dir).checkpoint(kind, suffix)
 
 
 @pytest.fixture()
@@ -89,4 +92,62 @@ def test_codiff_file_alone_is_enough_and_heads_come_from_config(ref_dir, tmp_pat
         guessed = load_pipeline(diffuser=lonely)
     assert "official 32 heads" in caplog.text and "YAML" in caplog.text
     assert guessed.branches[0].unet.config.attention_head_dim == 32
-    assert pipe.branches[0].unet.config.attention_head_dim != 32
+    from reference_set import reference_set
+
+    # diffusers calls the UNet's head count attention_head_dim; the set's own, as its YAML states it
+    assert pipe.branches[0].unet.config.attention_head_dim == reference_set(ref_dir).unet_heads(pipe.names[0])
+
+
+# ------------------------------------------------------------------------------------------------- which files
+
+
+def _demo_present():
+    from collab_core.models import demo_bundle_dir
+
+    return demo_bundle_dir() is not None
+
+
+@pytest.mark.parity
+def test_default_folder_honours_every_argument(ref_dir, tmp_path, monkeypatch):
+    """./pretrained is searched with the caller's prefix and use_diffusers (one path, no retry dropping them)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pretrained").mkdir()
+    src = _manifest_file(ref_dir, "codiff", ".safetensors")  # the set's own form (.ckpt where it has no twin)
+    shutil.copy(src, tmp_path / "pretrained" / f"tiny_codiff_mask_text{src.suffix}")
+    pipe = load_pipeline(prefix="tiny", use_diffusers=False)
+    assert pipe.names == ["mask", "text"] and all(b.diffuser is None for b in pipe.branches)
+    assert not getattr(pipe, "is_demo", False)
+
+
+@pytest.mark.parity
+def test_several_sets_in_a_default_folder_reach_the_user(ref_dir, tmp_path, monkeypatch):
+    """A ./pretrained holding two sets is an error to fix with --prefix, not a reason to fall back to the demo."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pretrained").mkdir()
+    src = _manifest_file(ref_dir, "codiff", ".safetensors")
+    for name in ("512_codiff_mask_text", "256_codiff_mask_text"):
+        shutil.copy(src, tmp_path / "pretrained" / f"{name}{src.suffix}")
+    with pytest.raises(CheckpointError, match="--prefix"):
+        load_pipeline()
+    assert load_pipeline(prefix="256").names == ["mask", "text"]
+
+
+@pytest.mark.skipif(not _demo_present(), reason="demo bundle not built")
+def test_demo_fallback_honours_use_diffusers_and_prefix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./pretrained, no ./checkpoints
+    pipe = load_pipeline(use_diffusers=False)
+    assert pipe.is_demo and all(b.diffuser is None for b in pipe.branches)
+    assert load_pipeline(prefix="demo").is_demo
+    # a prefix the demo files do not have is not silently ignored
+    with pytest.raises(CheckpointError, match="starting with 'nosuchset'"):
+        load_pipeline(prefix="nosuchset")
+
+
+def test_pipeline_never_imports_models():
+    """Imports go one way: models builds pipelines; pipeline.py names no loader (no hidden cycle)."""
+    import ast
+    import collab_core.pipeline as pipeline
+
+    tree = ast.parse(open(pipeline.__file__, encoding="utf-8").read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "models" not in imported and not any((m or "").endswith(".models") for m in imported)

@@ -10,7 +10,7 @@ Key layouts (the reference's, so its own code and every loader of this pack read
   is spelled ``seg_mask`` as in the official files.
 
 What weights cannot tell (attention heads, the latent scale factor, the latent size) travels twice: in the
-safetensors header under ``collab_config`` (JSON, read by :func:`collab_core.models.config_from_metadata`) and in
+safetensors header under ``collab_config`` (JSON, read by :func:`collab_core.settings.config_from_metadata`) and in
 an official-format YAML beside the file (``<stem>.yaml``, read by :mod:`collab_core.yaml_config` and the
 ComfyUI loaders), so files load with the right settings without any flag.
 """
@@ -27,11 +27,11 @@ import yaml
 
 from ..checkpoint import save_safetensors
 from ..errors import ConfigError
-from ..schedule import make_alphas_cumprod
+from ..schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS, make_alphas_cumprod
+from ..settings import METADATA_CONFIG_KEY
 from ..unet import UNetConfig, unet_state_dict_to_ldm
-from ..vae import VAEConfig, vae_state_dict_to_ldm
+from ..vae import VAEConfig, vae_ddconfig, vae_state_dict_to_ldm
 
-METADATA_KEY = "collab_config"
 OFFICIAL_NAME = {"mask": "seg_mask"}
 
 
@@ -51,7 +51,7 @@ class ModelSettings:
                "unet_num_heads": dict(self.unet_heads), "text_heads": int(self.text_heads)}
         if self.diffuser_heads is not None:
             cfg["diffuser_num_heads"] = int(self.diffuser_heads)
-        meta = {METADATA_KEY: json.dumps(cfg, sort_keys=True)}
+        meta = {METADATA_CONFIG_KEY: json.dumps(cfg, sort_keys=True)}
         if self.modalities:
             meta["modalities"] = ",".join(self.modalities)
         meta.update({k: str(v) for k, v in extra.items()})
@@ -112,13 +112,10 @@ def _unet_yaml(cfg: UNetConfig, heads: int) -> dict:
 
 
 def _vae_yaml(cfg: VAEConfig, image_size: int) -> dict:
-    base = cfg.block_out_channels[0]
+    ddconfig = vae_ddconfig(cfg.block_out_channels, cfg.layers_per_block, cfg.latent_channels, cfg.in_channels,
+                            cfg.out_channels, cfg.mid_block_add_attention, resolution=image_size)
     return {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
-        "embed_dim": cfg.latent_channels, "ddconfig": {
-            "double_z": True, "z_channels": cfg.latent_channels, "resolution": image_size, "in_channels": cfg.in_channels,
-            "out_ch": cfg.out_channels, "ch": base, "ch_mult": [w // base for w in cfg.block_out_channels],
-            "num_res_blocks": cfg.layers_per_block, "attn_resolutions": [], "dropout": 0.0},
-        "lossconfig": {"target": "torch.nn.Identity"}}}
+        "embed_dim": cfg.latent_channels, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}}
 
 
 def _cond_yaml(kind: str, encoder) -> dict:
@@ -132,7 +129,8 @@ def _cond_yaml(kind: str, encoder) -> dict:
 
 
 def _ldm_params(settings: ModelSettings) -> dict:
-    return {"linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000, "image_size": settings.latent_size,
+    return {"linear_start": LINEAR_START, "linear_end": LINEAR_END, "timesteps": NUM_TIMESTEPS,
+            "image_size": settings.latent_size,
             "channels": 3, "scale_factor": float(settings.scale_factor), "parameterization": "eps",
             "first_stage_key": "image", "monitor": "val/loss_simple_ema"}
 

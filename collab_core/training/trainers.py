@@ -1,6 +1,6 @@
 """The trainers: a small KL-VAE, uni-modal latent diffusion models (text or mask), dynamic diffusers.
 
-Objectives follow the reference (``../shared/docs/reference-method.md`` §9):
+Objectives follow the reference's training code (ddpm.py / ddpm_compose.py):
 
 * **dynamic diffusers** — every uni-modal UNet, encoder and the VAE frozen; one diffuser per branch reads
   (x_t, t, its modality's tokens) and gives a logit map; the maps are soft-maxed across branches (the plain,
@@ -30,13 +30,15 @@ from ..checkpoint import read_checkpoint_metadata
 from ..errors import BranchMismatchError, CheckpointError, ConfigError
 from ..fusion import InfluenceConfig, fuse
 from ..mask_encoder import MaskEncoder
-from ..schedule import make_alphas_cumprod
+from ..models import build_encoder, read_parts
+from ..schedule import make_alphas_cumprod, q_sample
+from ..settings import attention_heads, resolve_config, resolve_scale_factor
 from ..text_encoder import TextEncoder
-from ..unet import UNetConfig
-from ..vae import VAEConfig
+from ..unet import UNetConfig, build_unet
+from ..vae import VAEConfig, build_vae, infer_vae_config
 from . import export as ex
 from .data import ImageConditionSet, column_for
-from .loop import StepContext, TrainConfig, fixed_noise, q_sample, train
+from .loop import StepContext, TrainConfig, fixed_noise, train
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,7 @@ def _noisy_batch(ctx: StepContext, n_items: int, latents, alphas_cumprod: torch.
     t = torch.randint(0, len(alphas_cumprod), (ctx.batch_size,), generator=g)
     noise = torch.randn(z0.shape, generator=g)
     z0, t, noise = z0.to(ctx.device), t.to(ctx.device), noise.to(ctx.device)
-    return idx, q_sample(z0, t, noise, alphas_cumprod), t, noise
+    return idx, q_sample(z0, noise, alphas_cumprod, t), t, noise
 
 def train_vae(train_set: ImageConditionSet, val_set: ImageConditionSet, out_dir: Path | str, cfg: TrainConfig,
               arch: VAEArch = VAEArch(), name: str = "model", crop: Optional[int] = 32, kl_weight: float = 1e-5,
@@ -253,56 +255,34 @@ class LoadedBranch:
     kind: str
 
 
-def _settings_from(path: Path) -> dict:
-    from ..models import config_from_metadata, find_config
-    from ..yaml_config import read_official_config
-
-    cfg = config_from_metadata(read_checkpoint_metadata(path))
-    yaml_path = find_config(path)
-    if yaml_path is not None:
-        y = read_official_config(yaml_path)
-        for k in ("scale_factor", "image_size", "unet_num_heads", "diffuser_num_heads"):
-            if getattr(cfg, k) is None and getattr(y, k) is not None:
-                setattr(cfg, k, getattr(y, k))
-        cfg.unet_heads_by_modality = {**y.unet_heads_by_modality, **cfg.unet_heads_by_modality}
-    return cfg
+def _settings_from(path: Path):
+    """The file's settings as every loader resolves them (:func:`collab_core.settings.resolve_config`)."""
+    return resolve_config([path], metadata=[read_checkpoint_metadata(path)])
 
 
 def load_vae_file(path: Path | str, device="cpu") -> tuple[nn.Module, float]:
     """A VAE (from a *_vae file or any file holding ``first_stage_model.*``) and its scale factor."""
-    from ..models import read_parts
-    from ..vae import build_vae, default_scale_factor, infer_vae_config
-
     path = Path(path)
     parts = read_parts(path)
     if parts.vae is None:
         raise CheckpointError(f"{path.name} holds no VAE ({parts.describe().splitlines()[0]})")
-    scale = _settings_from(path).scale_factor
-    if scale is None:
-        scale = default_scale_factor(infer_vae_config(parts.vae))
-    return build_vae(parts.vae, scale_factor=scale, device=device), float(scale)
+    vae_cfg = infer_vae_config(parts.vae)
+    scale = resolve_scale_factor(_settings_from(path), vae_cfg)
+    return build_vae(parts.vae, scale_factor=scale, device=device, config=vae_cfg), float(scale)
 
 
 def load_branch_file(path: Path | str, name: Optional[str] = None, device="cpu") -> LoadedBranch:
     """The one uni-modal model of ``path`` (UNet + encoder), renamed ``name`` if given."""
-    from ..models import read_parts
-    from ..unet import build_unet
-
     path = Path(path)
     parts = read_parts(path)
     if len(parts.unets) != 1:
         raise CheckpointError(f"{path.name} holds {len(parts.unets)} uni-modal UNets ({sorted(parts.unets)}); "
                               "give one uni-modal model per branch")
     (file_name, sd), = parts.unets.items()
-    settings = _settings_from(path)
-    unet = build_unet(sd, num_heads=settings.unet_heads(file_name), device=device)
-    if file_name in parts.text_encoders:
-        enc, kind = TextEncoder.from_state_dict(parts.text_encoders[file_name]), "text"
-    elif file_name in parts.mask_encoders:
-        enc, kind = MaskEncoder.from_state_dict(parts.mask_encoders[file_name]), "mask"
-    else:
-        raise CheckpointError(f"{path.name} holds no condition encoder for its {file_name} model")
-    return LoadedBranch(name=name or file_name, unet=unet, encoder=enc.float().to(device).eval(), kind=kind)
+    heads = attention_heads(_settings_from(path), file_name, "unet", what="UNet")
+    unet = build_unet(sd, num_heads=heads.stated, head_channels=heads.head_channels, device=device)
+    encoder, kind = build_encoder(parts, file_name, path.name)
+    return LoadedBranch(name=name or file_name, unet=unet, encoder=encoder.to(device), kind=kind)
 
 
 # ------------------------------------------------------------------------------------------------ latents
@@ -350,6 +330,32 @@ def _unimodal_files(unet: nn.Module, encoder: nn.Module, kind: str, modality: st
     return paths
 
 
+def _condition_column(data: ImageConditionSet, modality: str, kind: Optional[str], column: Optional[str]
+                      ) -> tuple[str, str]:
+    """(the data column a branch is conditioned on, its encoder kind): by default the column named like the
+    modality, else the one column of ``kind``."""
+    if column is None:
+        if modality in data.columns:
+            column = modality
+        elif kind is not None:
+            column = column_for(modality, kind, data)
+        else:
+            raise ConfigError(f"no data column named {modality!r}; say which one with --field {modality}=COLUMN")
+    col_kind = data.column(column).kind
+    if kind is not None and kind != col_kind:
+        raise ConfigError(f"column {column!r} holds {col_kind} data, not {kind}")
+    return column, col_kind
+
+
+def _new_encoder(kind: str, text: "TextArch", context_dim: int, mask_size: int) -> tuple[nn.Module, int]:
+    """A fresh condition encoder of ``kind`` and the token width it gives."""
+    if kind == "text":
+        return text.build(), text.dim
+    if kind == "mask":
+        return MaskEncoder(dim=context_dim, in_features=mask_size * mask_size), context_dim
+    raise ConfigError(f"unknown encoder kind {kind!r}; choose text or mask")
+
+
 def train_unimodal(train_set: ImageConditionSet, val_set: ImageConditionSet, vae_file: Path | str, modality: str,
                    out_dir: Path | str, cfg: TrainConfig, kind: Optional[str] = None, column: Optional[str] = None,
                    arch: UNetArch = UNetArch(), text: TextArch = TextArch(), context_dim: int = 64,
@@ -361,17 +367,7 @@ def train_unimodal(train_set: ImageConditionSet, val_set: ImageConditionSet, vae
     of ``column``, which defaults to a column named like the modality).
     """
     out_dir = Path(out_dir)
-    if column is None:
-        if modality in train_set.columns:
-            column = modality
-        elif kind is not None:
-            column = column_for(modality, kind, train_set)
-        else:
-            raise ConfigError(f"no data column named {modality!r}; say which one with --field {modality}=COLUMN")
-    col_kind = train_set.column(column).kind
-    kind = kind or col_kind
-    if kind != col_kind:
-        raise ConfigError(f"column {column!r} holds {col_kind} data, not {kind}")
+    column, kind = _condition_column(train_set, modality, kind, column)
     vae, scale = load_vae_file(vae_file)
     vae.eval().requires_grad_(False)
     if latents is None:
@@ -379,13 +375,7 @@ def train_unimodal(train_set: ImageConditionSet, val_set: ImageConditionSet, vae
     val_lat = encode_latents(vae, val_set.subset(slice(0, min(len(val_set), 256))), scale)
     latent_ch, latent_size = latents.mean.shape[1], latents.mean.shape[-1]
     torch.manual_seed(cfg.seed)
-    if kind == "text":
-        encoder = text.build()
-        context_dim = text.dim
-    elif kind == "mask":
-        encoder = MaskEncoder(dim=context_dim, in_features=mask_size * mask_size)
-    else:
-        raise ConfigError(f"unknown encoder kind {kind!r}; choose text or mask")
+    encoder, context_dim = _new_encoder(kind, text, context_dim, mask_size)
     ucfg = arch.config(latent_ch, latent_ch, context_dim, latent_size)
     unet = new_unet(ucfg)
     ac = make_alphas_cumprod()
@@ -406,7 +396,7 @@ def train_unimodal(train_set: ImageConditionSet, val_set: ImageConditionSet, vae
             idx = torch.arange(sl.start, sl.stop)
             c = mods["encoder"](val_set.encoder_input(column, idx, mods["encoder"]).to(device))
             t = val_t[sl].to(device)
-            eps = mods["unet"](q_sample(val_z[sl].to(device), t, val_noise[sl].to(device), ac), t,
+            eps = mods["unet"](q_sample(val_z[sl].to(device), val_noise[sl].to(device), ac, t), t,
                                encoder_hidden_states=c).sample
             total += float(F.mse_loss(eps.float(), val_noise[sl].to(device), reduction="sum"))
         return total / val_noise.numel()
@@ -469,6 +459,16 @@ def _codiff_files(branches: Sequence[LoadedBranch], diffusers: Mapping[str, nn.M
     return paths
 
 
+def _check_fusable(branches: Sequence[LoadedBranch]) -> list[str]:
+    """The branch names, once it is sure there are at least two and each is unique."""
+    names = [b.name for b in branches]
+    if len(branches) < 2:
+        raise BranchMismatchError(f"dynamic diffusers need at least two branches to fuse, got {names}")
+    if len(set(names)) != len(names):
+        raise BranchMismatchError(f"branch names must be unique, got {names}")
+    return names
+
+
 def train_diffusers(train_set: ImageConditionSet, val_set: ImageConditionSet, branches: Sequence[LoadedBranch],
                     vae: nn.Module, scale: float, out_dir: Path | str, cfg: TrainConfig,
                     arch: UNetArch = UNetArch(widths=(32, 64), attention=(False, True), layers=1, heads=2),
@@ -480,11 +480,7 @@ def train_diffusers(train_set: ImageConditionSet, val_set: ImageConditionSet, br
     diffusers **and** the frozen UNets, encoders and VAE (the official collaborative layout), plus YAML configs.
     """
     out_dir = Path(out_dir)
-    if len(branches) < 2:
-        raise BranchMismatchError(f"dynamic diffusers need at least two branches to fuse, got {[b.name for b in branches]}")
-    names = [b.name for b in branches]
-    if len(set(names)) != len(names):
-        raise BranchMismatchError(f"branch names must be unique, got {names}")
+    names = _check_fusable(branches)
     columns = {b.name: column_for(b.name, b.kind, train_set, fields) for b in branches}
     vae.eval().requires_grad_(False)
     if latents is None:
@@ -492,7 +488,7 @@ def train_diffusers(train_set: ImageConditionSet, val_set: ImageConditionSet, br
     val_lat = encode_latents(vae, val_set.subset(slice(0, min(len(val_set), 256))), scale)
     latent_ch, latent_size = latents.mean.shape[1], latents.mean.shape[-1]
     for b in branches:
-        if b.unet.config.in_channels != latent_ch or b.unet.config.sample_size not in (latent_size, b.unet.config.sample_size):
+        if b.unet.config.in_channels != latent_ch:
             raise BranchMismatchError(f"the {b.name} UNet takes {b.unet.config.in_channels} latent channels, the VAE "
                                       f"gives {latent_ch}")
     torch.manual_seed(cfg.seed)
@@ -523,7 +519,7 @@ def train_diffusers(train_set: ImageConditionSet, val_set: ImageConditionSet, br
         for i in range(0, n_val, 64):
             idx = torch.arange(i, min(i + 64, n_val))
             t = val_t[idx].to(device)
-            x_t = q_sample(val_z[idx].to(device), t, val_noise[idx].to(device), ac)
+            x_t = q_sample(val_z[idx].to(device), val_noise[idx].to(device), ac, t)
             total += float(F.mse_loss(fused_eps(mods, val_set, idx, x_t, t, device), val_noise[idx].to(device),
                                       reduction="sum"))
         return total / val_noise.numel()
@@ -553,7 +549,7 @@ def fusion_val_losses(val_set: ImageConditionSet, branches: Sequence[LoadedBranc
     for i in range(0, len(sub), 64):
         idx = torch.arange(i, min(i + 64, len(sub)))
         t = t_all[idx]
-        x_t = q_sample(z[idx], t, noise[idx], ac)
+        x_t = q_sample(z[idx], noise[idx], ac, t)
         eps, logits = [], []
         for b in branches:
             c = b.encoder(sub.encoder_input(columns[b.name], idx, b.encoder))
