@@ -166,7 +166,12 @@ def fuse(eps: Sequence[torch.Tensor], logits: Sequence[torch.Tensor], names: Seq
     return FusionResult(eps=fused, softmax=softmax, weights=weights)
 
 
-def weights_to_logits(weights: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+#: The smallest influence weight: a weight of 0 (a painted 0, strength 0) becomes this, one in a million of the other
+#: branches' influence, so that its log and the softmax stay finite.
+WEIGHT_FLOOR = 1e-6
+
+
+def weights_to_logits(weights: torch.Tensor, floor: float = WEIGHT_FLOOR) -> torch.Tensor:
     """Turn non-negative influence weights (a constant or a painted map) into logits.
 
     softmax(log w) = w / Σ w, so constant strengths and painted maps enter the same softmax as the

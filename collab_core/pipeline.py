@@ -1,7 +1,7 @@
 """The Python API: uni-modal branches + dynamic diffusers + VAE → pictures.
 
-    from collab_core import CollaborativePipeline
-    pipe = CollaborativePipeline.from_checkpoints("pretrained/")           # official files, by their names
+    from collab_core import load_pipeline
+    pipe = load_pipeline("pretrained/")                                     # official files, by their names
     result = pipe.generate(text="This man has beard of medium length.", mask="27007.png", seed=0)
     result.save("outputs/")                                                 # PNGs (+ influence maps)
 """
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .errors import BranchMismatchError, ConditioningError, ConfigError, NumericalError
-from .fusion import FusionResult, InfluenceConfig, fuse, weights_to_logits
+from .collaborative import BranchPrediction, InfluenceRecorder, collaborate
+from .fusion import FusionResult, InfluenceConfig
 from .images import save_images, save_influence, to_uint8
 from .sampling import NoiseSampler, initial_latent, sample_ddim, thresholded
 from .schedule import ddim_schedule, make_alphas_cumprod
@@ -106,14 +107,7 @@ class CollaborativePipeline:
         self.x0_threshold: Optional[float] = None
         self._check_branches()
 
-    # ----------------------------------------------------------------- construction
-    @classmethod
-    def from_checkpoints(cls, checkpoints: Optional[Path | str] = None, **kwargs) -> "CollaborativePipeline":
-        """Load from a directory of official files (or given one by one); see :func:`collab_core.models.load_pipeline`."""
-        from .models import load_pipeline
-
-        return load_pipeline(checkpoints, **kwargs)
-
+    # Built from files by collab_core.models.load_pipeline; this module never imports models (one-way imports).
     def _check_branches(self):
         chans = {}
         for b in self.branches:
@@ -205,20 +199,15 @@ class CollaborativePipeline:
         if len(active) == 1:
             _check_finite(eps[0], [(f"the {active[0].name} UNet", eps[0])], t)
             return StepOutput(eps=eps[0], eps_branches=eps, logits=[], fusion=None)
-        logits = []
-        for b in active:
-            if b.diffuser is not None:
-                logit = network_eps(b.diffuser, x, t, contexts[b.name])
-            else:
-                logit = torch.zeros((x.shape[0], 1) + tuple(x.shape[2:]), device=x.device, dtype=eps[0].dtype)
-            if spatial and b.name in spatial and spatial[b.name] is not None:
-                w = torch.as_tensor(spatial[b.name], device=x.device, dtype=logit.dtype)
-                logit = logit + weights_to_logits(w).expand_as(logit)
-            logits.append(logit)
-        result = fuse(eps, logits, [b.name for b in active], t, influence or self.influence)
+        spatial = spatial or {}
+        preds = [BranchPrediction(name=b.name, eps=e, weights=spatial.get(b.name),
+                                  diffuser_logits=None if b.diffuser is None else network_eps(b.diffuser, x, t,
+                                                                                              contexts[b.name]))
+                 for b, e in zip(active, eps)]
+        result = collaborate(preds, t, influence or self.influence)
         _check_finite(result.eps, [(f"the {b.name} UNet", e) for b, e in zip(active, eps)] +
-                      [(f"the {b.name} dynamic diffuser", g) for b, g in zip(active, logits)], t)
-        return StepOutput(eps=result.eps, eps_branches=eps, logits=logits, fusion=result)
+                      [(f"the {b.name} dynamic diffuser", g) for b, g in zip(active, result.logits)], t)
+        return StepOutput(eps=result.eps, eps_branches=eps, logits=result.logits, fusion=result.fusion)
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -244,23 +233,28 @@ class CollaborativePipeline:
             # the latent stays float32 (the DDIM update and threshold run in it); networks get a cast copy (step)
             x_T = initial_latent((batch, self.latent_channels, size, size), generator, self.device, self.sample_dtype)
         schedule = ddim_schedule(self.alphas_cumprod, steps, eta)
-        recorded: dict[str, list[torch.Tensor]] = {}
-
-        def denoiser(x, t):
-            out = self.step(x, t, contexts, influence, spatial)
-            if out.fusion is not None:
-                names = [n for n in self.names if n in contexts]
-                for name, w in zip(names, out.fusion.weights):
-                    # kept on the sampling device: a per-step copy to the CPU would stall the GPU every step
-                    recorded.setdefault(name, []).append(w.detach())
-            return out.eps
-
+        recorder = InfluenceRecorder()
+        denoiser = self.denoiser(contexts, influence, spatial, recorder)
         if x0_threshold:
             denoiser = thresholded(denoiser, self.alphas_cumprod, x0_threshold)
         z = sample_ddim(denoiser, x_T, schedule, noise_sampler=noise_sampler, generator=generator,
                         callback=callback, progress=progress)
-        maps = {name: torch.stack(ws).float().cpu() for name, ws in recorded.items()}
-        return z, maps, schedule.timesteps
+        return z, recorder.maps(), schedule.timesteps
+
+    def denoiser(self, contexts: Mapping[str, torch.Tensor], influence: Optional[InfluenceConfig] = None,
+                 spatial: Optional[Mapping[str, torch.Tensor]] = None,
+                 recorder: Optional[InfluenceRecorder] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``eps = f(x, t)``: :meth:`step` as a denoiser for the samplers; each fused step's weights go to
+        ``recorder`` (kept on the sampling device)."""
+        names = [n for n in self.names if n in contexts]
+
+        def eps_of(x, t):
+            out = self.step(x, t, contexts, influence, spatial)
+            if recorder is not None:
+                recorder.record(names, out.fusion.weights if out.fusion is not None else None, x)
+            return out.eps
+
+        return eps_of
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

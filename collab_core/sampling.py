@@ -83,28 +83,43 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, sig
     return x_prev, pred_x0
 
 
+#: A step hook: ``x_prev = hook(i, x_prev)`` after DDIM step ``i``; it may return a replacement (editing keeps the
+#: photo outside the region this way, and corrects the inversion's mismatch).
+StepHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: DDIMSchedule, *,
                 noise_sampler: Optional[NoiseSampler] = None, generator: Optional[torch.Generator] = None,
-                callback: Optional[Callable[[dict], None]] = None, progress: bool = True) -> torch.Tensor:
-    """The reference DDIM loop from ``x`` = x_T; returns z_0.
+                callback: Optional[Callable[[dict], None]] = None, progress: bool = True, start: int = 0,
+                hook: Optional[StepHook] = None) -> torch.Tensor:
+    """The reference DDIM loop from ``x`` = the state entering step ``start`` (0: x_T); returns z_0.
 
     A noise draw happens after every network call even when eta = 0, so a seeded generator reproduces the
-    reference's stream. ``callback`` receives ``{"i", "t", "x", "x_prev", "pred_x0", "eps"}`` after each step and
-    may raise to stop sampling (interrupt).
+    reference's stream (a loop that must not draw passes :func:`zero_noise`). ``hook`` may replace each step's
+    result before the next step sees it. ``callback`` receives ``{"i", "t", "x", "x_prev", "pred_x0", "eps"}``
+    after each step (``x_prev`` as the hook left it) and may raise to stop sampling (interrupt). Step indices are
+    rows of ``schedule`` (from ``start``), also for the noise sampler and the hook.
     """
     draw = noise_sampler or default_noise_sampler(generator)
     steps = len(schedule)
-    for i in tqdm(range(steps), desc="DDIM", disable=not progress, leave=False):
+    for i in tqdm(range(start, steps), desc="DDIM", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), int(schedule.timesteps[i]), device=x.device, dtype=torch.long)
         eps = denoiser(x, t)
         noise = draw(i, x)
         x_prev, pred_x0 = ddim_step(x, eps, schedule.a_t[i], schedule.a_prev[i], schedule.sigma[i],
                                     schedule.sqrt_one_minus_a_t[i], noise)
+        if hook is not None:
+            x_prev = hook(i, x_prev)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x_prev": x_prev, "pred_x0": pred_x0, "eps": eps})
         x = x_prev
     return x
+
+
+def zero_noise(step: int, x: torch.Tensor) -> torch.Tensor:
+    """No noise and no draw (deterministic resampling, which must leave any generator untouched)."""
+    return torch.zeros_like(x)
 
 
 def recorded_noise_sampler(noises) -> NoiseSampler:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -116,13 +117,76 @@ def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float) -> DDIMS
     )
 
 
-def q_sample(z0: torch.Tensor, noise: torch.Tensor, alpha_cumprod) -> torch.Tensor:
-    """The forward process at one noise level: √ᾱ·z0 + √(1−ᾱ)·ε.
+@dataclass(frozen=True)
+class ForwardRoots:
+    """√ᾱ and √(1−ᾱ) for every timestep as the reference's DDPM registers them (``ddpm.py``: numpy float64 square
+    roots stored as float32), on the device the training runs on, so that indexing them needs no host round trip."""
 
-    ``alpha_cumprod`` is a Python float (one level for the whole batch; its square roots in float64, as the
-    reference's sampler takes them) or a tensor broadcastable to ``z0`` (one level per sample, as in training).
+    sqrt_a: torch.Tensor  # float32 (T,)
+    sqrt_one_minus_a: torch.Tensor  # float32 (T,)
+
+    @staticmethod
+    def of(alphas_cumprod: torch.Tensor, device=None) -> "ForwardRoots":
+        ac = alphas_cumprod.detach().to("cpu", torch.float64)
+        return ForwardRoots(ac.sqrt().float().to(device), (1.0 - ac).sqrt().float().to(device))
+
+
+def q_sample(z0: torch.Tensor, noise: torch.Tensor, alpha_cumprod, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The forward process at a noise level: √ᾱ·z0 + √(1−ᾱ)·ε (the reference's ``ddpm.py:q_sample``).
+
+    ``alpha_cumprod`` is
+
+    * a Python float: one level for the whole batch, its square roots in float64 (as the reference's sampler);
+    * a tensor broadcastable to ``z0`` (one level per sample), its square roots in its own dtype;
+    * with ``t`` (one int64 timestep per sample): the whole schedule, each sample at level ᾱ[t] — a tensor ᾱ (T,)
+      (square roots in float32, as the training loop takes them) or :class:`ForwardRoots` (the reference DDPM's
+      float64-rooted buffers, as Imagic's stages use them).
+
+    The different roots are kept because each caller's outputs are pinned bit for bit.
     """
+    if t is not None:
+        shape = (-1,) + (1,) * (z0.dim() - 1)
+        if isinstance(alpha_cumprod, ForwardRoots):
+            return alpha_cumprod.sqrt_a[t].view(shape) * z0 + alpha_cumprod.sqrt_one_minus_a[t].view(shape) * noise
+        alpha_cumprod = alpha_cumprod.to(z0.device)[t].float().view(shape)
     if isinstance(alpha_cumprod, torch.Tensor):
         return alpha_cumprod.sqrt() * z0 + (1.0 - alpha_cumprod).sqrt() * noise
     a = float(alpha_cumprod)
     return math.sqrt(a) * z0 + math.sqrt(1.0 - a) * noise
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """Where a list of timesteps sits in the reference's uniform DDIM grid."""
+
+    total_steps: int  # the `steps` of the full reference schedule these timesteps are the tail of
+    start: int  # index of the first given timestep in that schedule (0 = full run from x_T)
+
+    @property
+    def full(self) -> bool:
+        return self.start == 0
+
+
+def reference_plan(timesteps: Sequence[int], num_timesteps: int = NUM_TIMESTEPS) -> Optional[ReferencePlan]:
+    """Find the reference DDIM schedule whose last steps are ``timesteps`` (descending DDPM indices).
+
+    A sampler driven from outside (the ComfyUI host's ``ddim_uniform`` scheduler) gives the reference's timesteps
+    (1, 1+c, 1+2c, …); a partial denoise keeps the last ones of a longer schedule. Returns None when the timesteps
+    are not such a tail.
+    """
+    ts = [int(t) for t in timesteps]
+    n = len(ts)
+    if n == 0 or any(a <= b for a, b in zip(ts, ts[1:])):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # step counts that do not divide T are tried silently
+        for total in range(n, num_timesteps + 1):
+            try:
+                grid = ddim_timesteps(total, num_timesteps)[::-1].tolist()
+            except ConfigError:
+                continue
+            if len(grid) >= n and grid[len(grid) - n:] == ts:
+                return ReferencePlan(total_steps=total, start=len(grid) - n)
+            if len(grid) > 2 * num_timesteps:  # pragma: no cover - defensive
+                break
+    return None

@@ -3,8 +3,9 @@
 ``CollaborativeGuider`` is a host ``CFGGuider``: every host sampler and scheduler drives it, and the host's
 model management loads all branch models and the dynamic diffusers together. Per model evaluation it runs
 each active branch's own MODEL on that branch's conditioning (with that branch's cfg and model patches),
-computes each branch's influence logits (dynamic diffuser, strength, painted mask) and fuses the noise
-predictions with ``collab_core.fusion.fuse`` on the sampling device.
+evaluates each branch's dynamic diffuser through the host and hands the noise predictions, the diffusers' logits,
+strengths and painted masks to the core's one collaborative step (``collab_core.collaborative.collaborate``), on
+the sampling device; the applied weights are recorded there too, and come to the CPU when a node asks for them.
 
 It overrides three methods of the host's guider, as the host's own ``Guider_DualCFG`` does: ``__init__`` (store
 each branch's conds under its own keys), ``inner_sample`` (process the other branches' conds with their own
@@ -25,11 +26,13 @@ import comfy.model_patcher
 import comfy.samplers
 import comfy.utils
 
-from ..collab_core.fusion import fuse
+from ..collab_core.collaborative import BranchPrediction, InfluenceRecorder, collaborate
 from ..collab_core.models import influence_named
 from ..collab_core.sampling import threshold_x0
-from . import adapters, host
-from .adapters import CollabNodeError
+from . import host
+from .branches import BranchCheck, active_at, check_branches, painted_to_latent
+from .conditioning import conditioning_context
+from .errors import CollabNodeError
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,41 @@ def _latent_channels(model) -> int:
     return int(model.get_model_object("latent_format").latent_channels)
 
 
+def _check(branches: list, diffuser, node: str) -> None:
+    """Refuse branches that cannot be fused (``branches.check_branches``)."""
+    checks = []
+    for i, b in enumerate(branches):
+        if not isinstance(b, CollabBranch):
+            raise CollabNodeError(node, "'branches' must come from Collaborative Branch nodes")
+        sig = getattr(b.model.get_model_object("model_sampling"), "sigmas", None)
+        checks.append(BranchCheck(index=i, modality=b.modality, latent_channels=_latent_channels(b.model), sigmas=sig,
+                                  start_percent=b.start_percent, end_percent=b.end_percent, strength=b.strength))
+    check_branches(checks, diffuser.modalities if diffuser is not None else None, node)
+
+
+def _check_diffuser_tokens(branches: list, diffuser, node: str) -> None:
+    """Refuse a dynamic diffuser that attends to other tokens than its branch's conditioning."""
+    if diffuser is None:
+        return
+    for b in branches:
+        d = host.model_info(diffuser.patchers[b.modality])
+        ctx = conditioning_context(b.positive)
+        if d is not None and d.context_dim and int(ctx.shape[-1]) != d.context_dim:
+            raise CollabNodeError(node, f"the '{b.modality}' dynamic diffuser attends to {d.context_dim}-dim "
+                                        f"tokens but the branch's positive has width {int(ctx.shape[-1])}; use "
+                                        "the encoder and diffuser of one model set")
+
+
+def _branch_cfg(b: CollabBranch, cfg: float, node: str) -> float:
+    """The branch's own cfg (0 = the guider's); guidance needs a negative."""
+    c = float(b.cfg) if b.cfg and b.cfg > 0 else float(cfg)
+    if b.negative is None and not math.isclose(c, 1.0):
+        raise CollabNodeError(node, f"branch '{b.modality}' uses cfg {c} but has no negative conditioning; wire "
+                                    "a negative into its Collaborative Branch or set cfg to 1 (the reference "
+                                    "samples without guidance)")
+    return c
+
+
 class CollaborativeGuider(comfy.samplers.CFGGuider):
     """Fuses the noise predictions of several MODELs with per-pixel, per-step influence weights."""
 
@@ -73,39 +111,28 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
         branches = list(branches or [])
         if diffuser is not None and not isinstance(diffuser, host.DynamicDiffuser):
             raise CollabNodeError(node, "'dynamic_diffuser' must come from Load Dynamic Diffuser")
-        checks = []
-        for i, b in enumerate(branches):
-            if not isinstance(b, CollabBranch):
-                raise CollabNodeError(node, "'branches' must come from Collaborative Branch nodes")
-            ms = b.model.get_model_object("model_sampling")
-            sig = getattr(ms, "sigmas", None)
-            checks.append(adapters.BranchCheck(index=i, modality=b.modality, latent_channels=_latent_channels(b.model),
-                                               sigmas=sig, start_percent=b.start_percent, end_percent=b.end_percent,
-                                               strength=b.strength))
-        adapters.check_branches(checks, diffuser.modalities if diffuser is not None else None, node)
+        _check(branches, diffuser, node)
         self.branches = branches
         self.diffuser = diffuser
         self.influence = influence_named(influence)  # the node's preset names are the core's fusion names
-        self.cfgs = []
-        for b in branches:
-            c = float(b.cfg) if b.cfg and b.cfg > 0 else float(cfg)
-            if b.negative is None and not math.isclose(c, 1.0):
-                raise CollabNodeError(node, f"branch '{b.modality}' uses cfg {c} but has no negative conditioning; wire "
-                                            "a negative into its Collaborative Branch or set cfg to 1 (the reference "
-                                            "samples without guidance)")
-            self.cfgs.append(c)
-        if diffuser is not None:
-            for b in branches:
-                d = host.model_info(diffuser.patchers[b.modality])
-                ctx = adapters.conditioning_context(b.positive)
-                if d is not None and d.context_dim and int(ctx.shape[-1]) != d.context_dim:
-                    raise CollabNodeError(node, f"the '{b.modality}' dynamic diffuser attends to {d.context_dim}-dim "
-                                                f"tokens but the branch's positive has width {int(ctx.shape[-1])}; use "
-                                                "the encoder and diffuser of one model set")
-        primary = branches[0].model.clone()
-        super().__init__(primary)
-        extra, seen = [], [primary]
-        for b in branches[1:]:
+        self.cfgs = [_branch_cfg(b, cfg, node) for b in branches]
+        _check_diffuser_tokens(branches, diffuser, node)
+        super().__init__(branches[0].model.clone())
+        self._add_models(node)
+        conds = {}
+        for i, b in enumerate(branches):
+            conds[f"positive_{i}"] = b.positive
+            if b.negative is not None:
+                conds[f"negative_{i}"] = b.negative
+        self.inner_set_conds(conds)
+        self.last_names = [b.modality for b in branches]
+        self.recorder = InfluenceRecorder(self.last_names)
+
+    def _add_models(self, node: str) -> None:
+        """The other branches' models and the diffusers load with the primary one (the host's additional models);
+        a model shared by two branches loads once, and only if both use the same weight patches."""
+        extra, seen = [], [self.model_patcher]
+        for b in self.branches[1:]:
             for s in seen:
                 if b.model.is_clone(s) and not b.model.clone_has_same_weights(s):
                     raise CollabNodeError(node, f"branch '{b.modality}' shares its loaded model with another branch "
@@ -114,18 +141,10 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
             if not any(b.model.is_clone(s) for s in seen):
                 extra.append(b.model)
                 seen.append(b.model)
-        if diffuser is not None:
-            extra += [diffuser.patchers[m] for m in diffuser.modalities]
+        if self.diffuser is not None:
+            extra += [self.diffuser.patchers[m] for m in self.diffuser.modalities]
         if extra:
             self.model_patcher.set_additional_models("collaborative_diffusion", extra)
-        conds = {}
-        for i, b in enumerate(branches):
-            conds[f"positive_{i}"] = b.positive
-            if b.negative is not None:
-                conds[f"negative_{i}"] = b.negative
-        self.inner_set_conds(conds)
-        self.records: list[dict] = []
-        self.last_names = [b.modality for b in branches]
 
     # -------------------------------------------------------------------------------- sampling plumbing
 
@@ -155,9 +174,9 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
             opts = comfy.model_patcher.create_model_options_clone(b.model.model_options)
             opts.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
             self._member_options[i] = opts
-        self._contexts = [adapters.conditioning_context(b.positive) for b in self.branches]
+        self._contexts = [conditioning_context(b.positive) for b in self.branches]
         self._painted = {}
-        self.records = []
+        self.recorder.clear()
         members = [b.model for b in self.branches[1:] if not b.model.is_clone(self.model_patcher)]
         try:
             for m in members:
@@ -181,67 +200,57 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
         comfy.model_management.throw_exception_if_processing_interrupted()
         sigma = timestep
         s0 = float(sigma.reshape(-1)[0])
-        active = [i for i, ok in enumerate(adapters.active_at(self._sigma_ranges, s0)) if ok]
+        active = [i for i, ok in enumerate(active_at(self._sigma_ranges, s0)) if ok]
         if not active:  # cannot happen after check_branches, but never return nothing
             active = list(range(len(self.branches)))
         sig_b = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype) if sigma.numel() > 1 else sigma.to(x.dtype)
-        denoised, names = [], []
+        denoised = []
         for i in active:
             b = self.branches[i]
             model, opts = (self.inner_model, model_options) if i == 0 else (b.model.model, self._member_options[i])
             negative, positive = self._branch_conds(i)
-            d = comfy.samplers.sampling_function(model, x, sigma, negative, positive, self.cfgs[i],
-                                                 model_options=opts, seed=seed)
-            denoised.append(d)
-            names.append(b.modality)
-        if len(active) == 1:
-            self._record(active, None, x)
+            denoised.append(comfy.samplers.sampling_function(model, x, sigma, negative, positive, self.cfgs[i],
+                                                             model_options=opts, seed=seed))
+        names = [self.branches[i].modality for i in active]
+        if len(active) == 1:  # the branch's own x0, untouched (x − σ·ε would round it)
+            self.recorder.record(names, None, x)
             return self._limited(denoised[0])
-        eps = [(x - d) / sig_b for d in denoised]
         t = self.inner_model.model_sampling.timestep(sigma).float()
-        logits = [self._logit(i, x, sigma, t) for i in active]
-        result = fuse(eps, logits, names, t, self.influence)
-        self._record(active, result.weights, x)
-        return self._limited(x - sig_b * result.eps.to(x.dtype))
+        preds = [BranchPrediction(name=self.branches[i].modality, eps=(x - d) / sig_b,
+                                  diffuser_logits=self._diffuser_logits(i, x, sigma, t),
+                                  strength=self.branches[i].strength, weights=self._painted_map(i, x))
+                 for i, d in zip(active, denoised)]
+        step = collaborate(preds, t, self.influence, dtype=torch.float32)
+        self.recorder.add(step, x)
+        return self._limited(x - sig_b * step.eps.to(x.dtype))
 
     def _limited(self, denoised: torch.Tensor) -> torch.Tensor:
         """The fused x0 (the host's ``denoised``, in the model's scaled latent space, as the core's) thresholded
         like ``collab_core.sampling.threshold_x0``; any sampler then follows the limited prediction."""
         return threshold_x0(denoised, self.x0_threshold) if self.x0_threshold > 0 else denoised
 
-    def _logit(self, i: int, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        b = self.branches[i]
-        base = None
-        if self.diffuser is not None:
-            bm = self.diffuser.patchers[b.modality].model
-            dtype = bm.manual_cast_dtype or bm.get_dtype()
-            xc = bm.model_sampling.calculate_input(sigma, x).to(dtype)
-            ctx = self._contexts[i]
-            ctx = comfy.utils.repeat_to_batch_size(ctx, x.shape[0]) if ctx.shape[0] != x.shape[0] else ctx
-            ctx = ctx.to(device=x.device, dtype=dtype)
-            base = bm.diffusion_model(xc, t.to(x.device), context=ctx).float()
-        painted = None
-        if b.influence_mask is not None:
-            key = (i, tuple(x.shape[2:]), x.device)
-            if key not in self._painted:
-                self._painted[key] = adapters.painted_to_latent(b.influence_mask, x.shape[2:], x.shape[0]).to(x.device)
-            painted = self._painted[key]
-        return adapters.branch_logit(base, b.strength, painted, (x.shape[0], 1) + tuple(x.shape[2:]),
-                                     device=x.device, dtype=torch.float32)
+    def _diffuser_logits(self, i: int, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """Branch ``i``'s dynamic-diffuser logits, float32: the host's copy of the network, in its own dtype."""
+        if self.diffuser is None:
+            return None
+        bm = self.diffuser.patchers[self.branches[i].modality].model
+        dtype = bm.manual_cast_dtype or bm.get_dtype()
+        xc = bm.model_sampling.calculate_input(sigma, x).to(dtype)
+        ctx = self._contexts[i]
+        ctx = comfy.utils.repeat_to_batch_size(ctx, x.shape[0]) if ctx.shape[0] != x.shape[0] else ctx
+        ctx = ctx.to(device=x.device, dtype=dtype)
+        return bm.diffusion_model(xc, t.to(x.device), context=ctx).float()
 
-    def _record(self, active, weights, x) -> None:
-        shape = (x.shape[0], 1) + tuple(x.shape[2:])
-        step = {}
-        for j, b in enumerate(self.branches):
-            if j in active:
-                w = weights[active.index(j)] if weights is not None else torch.ones(shape)
-                step[b.modality] = w.detach().float().cpu().reshape(shape)
-            else:
-                step[b.modality] = torch.zeros(shape)
-        self.records.append(step)
+    def _painted_map(self, i: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Branch ``i``'s painted influence MASK at the latent's size on its device, resized once per sampling."""
+        mask = self.branches[i].influence_mask
+        if mask is None:
+            return None
+        key = (i, tuple(x.shape[2:]), x.device)
+        if key not in self._painted:
+            self._painted[key] = painted_to_latent(mask, x.shape[2:], x.shape[0]).to(x.device)
+        return self._painted[key]
 
     def influence_maps(self) -> dict:
-        """Weights applied per branch over the model evaluations: name → (S, B, 1, h, w)."""
-        if not self.records:
-            return {}
-        return {n: torch.stack([r[n] for r in self.records]) for n in self.last_names}
+        """Weights applied per branch over the model evaluations: name → (S, B, 1, h, w), on the CPU."""
+        return self.recorder.maps()

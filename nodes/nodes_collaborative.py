@@ -8,13 +8,18 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from . import adapters, host
-from .adapters import AUTO, INFLUENCE_PRESETS, CollabNodeError
+from . import host
+from .host import AUTO
+from .branches import influence_outputs
+from .conditioning import check_context_dim, conditioning_context
 from .guider import CollabBranch, CollaborativeGuider
 from .samplers import reference_ddim
-from .schema import SEED_MAX, Branches, CollabNode, Diffuser, advanced, io
+from .schema import SEED_MAX, Branches, CollabNode, CollabNodeError, Diffuser, advanced, io
 
 REFERENCE_SAMPLER = "reference_ddim"
+
+#: Influence presets offered by the guider / KSampler nodes (``collab_core.models.influence_named``'s names).
+INFLUENCE_PRESETS = ("reference", "plain softmax")
 
 _INFLUENCE_TIP = ("reference: the authors' sampler (mask weight × cosine decay over time, ×2 boost; text takes the "
                   "rest). plain softmax: the learned maps as trained.")
@@ -64,10 +69,10 @@ class CollabBranchNode(CollabNode):
                 raise CollabNodeError(node, "this MODEL was not loaded by Load Collaborative Model, so its modality is "
                                             "unknown; type the branch name into 'modality' (e.g. text or mask)")
             name = info.modality
-        ctx = adapters.conditioning_context(positive, "positive")
-        adapters.check_context_dim(ctx, info.context_dim if info else None, name)
+        ctx = conditioning_context(positive, "positive")
+        check_context_dim(ctx, info.context_dim if info else None, name)
         if negative is not None:
-            adapters.check_context_dim(adapters.conditioning_context(negative, "negative"),
+            check_context_dim(conditioning_context(negative, "negative"),
                                        info.context_dim if info else None, name)
         if not (start_percent < end_percent):
             raise CollabNodeError(node, f"start_percent {start_percent} must be below end_percent {end_percent}")
@@ -186,13 +191,13 @@ class CollabKSampler(CollabNode):
                                      scheduler=scheduler, denoise=denoise, model_options=model.model_options)
         sigmas = ks.sigmas
         if sigmas.shape[-1] == 0:
-            return (latent, *adapters.influence_outputs({}, []))
+            return (latent, *influence_outputs({}, []))
         sampler = reference_ddim(eta) if sampler_name == REFERENCE_SAMPLER else comfy.samplers.sampler_object(sampler_name)
         callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
         out = guider.sample(noise, samples_in, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         latent["samples"] = out.to(comfy.model_management.intermediate_device())
-        image, maps = adapters.influence_outputs(guider.influence_maps(), guider.last_names)
+        image, maps = influence_outputs(guider.influence_maps(), guider.last_names)
         return (latent, image, maps)
 
 
@@ -222,7 +227,7 @@ class CollabInfluenceMaps(CollabNode):
         if not maps:
             raise CollabNodeError(node, "the guider has not sampled yet: wire SamplerCustomAdvanced's output into "
                                         "'latent' so that this node runs after it")
-        return adapters.influence_outputs(maps, guider.last_names)
+        return influence_outputs(maps, guider.last_names)
 
 
 class CollabReferenceSampler(CollabNode):

@@ -11,9 +11,10 @@ import torch
 import folder_paths
 
 from ..collab_core.masks import CLASS_NAMES, load_mask
-from . import adapters, host
-from .adapters import CollabNodeError
-from .schema import CollabNode, Encoder, io
+from . import host
+from .conditioning import make_conditioning
+from .labels import labels_from_host, labels_to_host_mask, labels_to_preview
+from .schema import CollabNode, CollabNodeError, Encoder, io
 
 _TOLERANCE_TIP = ("For colour pictures: snap colours within this RGB distance to the nearest class colour (JPEG, "
                   "antialiasing). 0 = exact colours only.")
@@ -50,7 +51,7 @@ class CollabTextEncode(CollabNode):
             raise CollabNodeError(node, "the text is empty; write a prompt (the models never saw an empty caption)")
         with torch.inference_mode():
             ctx = encoder.module.encode(text)
-        return (adapters.make_conditioning(ctx.float().cpu()),)
+        return (make_conditioning(ctx.float().cpu()),)
 
 
 class CollabMaskEncode(CollabNode):
@@ -74,10 +75,10 @@ class CollabMaskEncode(CollabNode):
     def run(cls, encoder, tolerance=0.0, image=None, label_mask=None):
         node = cls.NAME
         _check_kind(encoder, "mask", node, "Collaborative Text Encode")
-        labels = adapters.labels_from_host(image=image, mask=label_mask, tolerance=tolerance or None)
+        labels = labels_from_host(image=image, mask=label_mask, tolerance=tolerance or None)
         with torch.inference_mode():
             ctx = torch.cat([encoder.module.encode(lab) for lab in labels])
-        return (adapters.make_conditioning(ctx.float().cpu()),)
+        return (make_conditioning(ctx.float().cpu()),)
 
 
 def _input_images() -> list[str]:
@@ -122,7 +123,7 @@ class CollabLoadFaceMask(CollabNode):
             raise CollabNodeError(node, f"mask file '{image}' not found in the input folder; upload it with the "
                                         "node's button")
         labels = load_mask(path)
-        return (adapters.labels_to_host_mask([labels]), adapters.labels_to_preview([labels]))
+        return (labels_to_host_mask([labels]), labels_to_preview([labels]))
 
     @classmethod
     def fingerprint_inputs(cls, image):
@@ -157,8 +158,8 @@ class CollabFaceMaskPreview(CollabNode):
 
     @classmethod
     def run(cls, label_mask=None, image=None, tolerance=0.0):
-        labels = adapters.labels_from_host(image=image, mask=label_mask, tolerance=tolerance or None)
-        return (adapters.labels_to_preview(labels),)
+        labels = labels_from_host(image=image, mask=label_mask, tolerance=tolerance or None)
+        return (labels_to_preview(labels),)
 
 
 NODES = [CollabTextEncode, CollabMaskEncode, CollabLoadFaceMask, CollabFaceMaskPreview]

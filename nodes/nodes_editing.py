@@ -21,10 +21,11 @@ from ..collab_core.editing import imagic as I
 from ..collab_core.editing import inversion as V
 from ..collab_core.editing.inputs import changed_labels, edit_region
 from ..collab_core.schedule import ddim_schedule
-from . import adapters, host
-from .adapters import CATEGORY, CollabNodeError
+from . import host
+from .conditioning import check_context_dim, conditioning_context, make_conditioning
+from .labels import labels_from_host
 from .samplers import alphas_cumprod, ddpm_job, discrete_schedule, uniform_sigmas
-from .schema import SEED_MAX, CollabNode, Inversion, io
+from .schema import CATEGORY, SEED_MAX, CollabNode, CollabNodeError, Inversion, io
 
 EDIT_CATEGORY = CATEGORY + "/editing"
 
@@ -101,9 +102,9 @@ class CollabImagicFineTune(CollabNode):
     def run(cls, model, positive, latent, stage1_lr=1e-3, stage1_iters=500, stage2_lr=1e-6, stage2_iters=1000,
             seed=0):
         node = cls.NAME
-        target = adapters.conditioning_context(positive, "positive")
+        target = conditioning_context(positive, "positive")
         info = host.model_info(model)
-        adapters.check_context_dim(target, info.context_dim if info else None,
+        check_context_dim(target, info.context_dim if info else None,
                                    info.modality if info else "model")
         ac = _alphas_cumprod(model, node)
         if target.shape[0] != 1:
@@ -123,7 +124,7 @@ class CollabImagicFineTune(CollabNode):
                                 seed=seed + 1, callback=progress, progress=False, forward=_forward)
             out_model = cls._patched(model, unet, b.unet)
         opts = dict(positive[0][1]) if len(positive[0]) > 1 else {}
-        return (out_model, adapters.make_conditioning(optimized.float(), **opts), positive)
+        return (out_model, make_conditioning(optimized.float(), **opts), positive)
 
     @staticmethod
     def _patched(model, original, tuned):
@@ -160,11 +161,11 @@ class CollabImagicInterpolate(CollabNode):
 
     @classmethod
     def run(cls, target, optimized, alpha=1.0):
-        t = adapters.conditioning_context(target, "target")
-        o = adapters.conditioning_context(optimized, "optimized")
+        t = conditioning_context(target, "target")
+        o = conditioning_context(optimized, "optimized")
         mixed = I.interpolate(t.float(), o.float().to(t.device), float(alpha))
         opts = dict(target[0][1]) if len(target[0]) > 1 else {}
-        return (adapters.make_conditioning(mixed, **opts),)
+        return (make_conditioning(mixed, **opts),)
 
 
 # ------------------------------------------------------------------------------------------------- inversion
@@ -273,9 +274,7 @@ class CollabResampleInversion(CollabNode):
             if inside == "noise":
                 gen = torch.Generator("cpu").manual_seed(int(seed) % (2 ** 63))
                 noise = torch.randn(inv.z0.shape, generator=gen).to(inv.z0)
-                a = float(inv.schedule.a_t[inv.start])
-                r = region.to(inv.z0)
-                x_start = r * (a ** 0.5 * inv.z0 + (1 - a) ** 0.5 * noise) + (1 - r) * inv.x_T
+                x_start = V.region_start(inv, region, noise)
                 use = V.Inversion(states=inv.states, schedule=inv.schedule, start=inv.start)  # no correction inside
             return V.sample_from_inversion(denoiser, use, region=region, x_start=x_start, progress=False,
                                            callback=lambda info: bar.update(1))
@@ -302,8 +301,8 @@ class CollabMaskDifference(CollabNode):
 
     @classmethod
     def run(cls, source_labels, target_labels):
-        src = adapters.labels_from_host(mask=source_labels)[0]
-        tgt = adapters.labels_from_host(mask=target_labels)[0]
+        src = labels_from_host(mask=source_labels)[0]
+        tgt = labels_from_host(mask=target_labels)[0]
         changed = changed_labels(src, tgt)
         return (torch.from_numpy(changed.astype(np.float32))[None],)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from . import adapters, host
-from .adapters import FREEU_DEFAULTS, CollabNodeError
-from .schema import CollabNode, io
+from . import host
+from .freeu import FREEU_DEFAULTS, freeu_apply, freeu_scales
+from .schema import CollabNode, CollabNodeError, io
 
 _TIPS = {"b1": "Backbone scale of the deeper stage (576 channels in the official UNets).",
          "b2": "Backbone scale of the shallower stage (384 channels).",
@@ -41,13 +41,13 @@ class CollabFreeU(CollabNode):
         unet = model.model.model_config.unet_config
         if "model_channels" not in unet or "channel_mult" not in unet:
             raise CollabNodeError(cls.NAME, "this MODEL is not a UNet with channel levels; FreeU needs one")
-        scales = adapters.freeu_scales(unet["model_channels"], unet["channel_mult"], b1, b2, s1, s2)
+        scales = freeu_scales(unet["model_channels"], unet["channel_mult"], b1, b2, s1, s2)
         if host.model_info(model) is None:  # any LDM UNet works; say which stages are scaled
             logging.getLogger("collaborative_diffusion").info("Collaborative FreeU on a foreign model: stages %s",
                                                               sorted(scales))
 
         def output_block_patch(h, hsp, transformer_options):
-            return adapters.freeu_apply(h, hsp, scales)
+            return freeu_apply(h, hsp, scales)
 
         m = model.clone()
         m.set_model_output_block_patch(output_block_patch)

@@ -19,9 +19,8 @@ import comfy.samplers
 
 from ..collab_core.errors import CollabError
 from ..collab_core.sampling import Denoiser, sample_ddim
-from ..collab_core.schedule import ddim_schedule, ddim_timesteps, make_alphas_cumprod, q_sample
-from . import adapters
-from .adapters import CollabNodeError
+from ..collab_core.schedule import ddim_schedule, ddim_timesteps, make_alphas_cumprod, q_sample, reference_plan
+from .errors import CollabNodeError
 
 NODE = "Reference DDIM Sampler"
 
@@ -66,7 +65,7 @@ def _reference_plan(ms, sigmas: torch.Tensor):
     step_sigmas = sigmas[:-1].to(ms.log_sigmas.device, torch.float32)
     ts = [int(v) for v in ms.timestep(step_sigmas).round().long().tolist()]
     snapped = ms.sigmas[torch.tensor(ts, device=ms.sigmas.device)].to(step_sigmas)
-    plan = adapters.reference_plan(ts, int(ms.num_timesteps))
+    plan = reference_plan(ts, int(ms.num_timesteps))
     if plan is None and len(ts) > 1 and len({a - b for a, b in zip(ts, ts[1:])}) == 1 and ts[-1] == 1:
         try:  # a uniform grid the reference itself cannot take: let the core say which step counts work
             ddim_timesteps(len(ts), int(ms.num_timesteps))

@@ -13,7 +13,10 @@ import math
 from comfy_api.latest import ComfyExtension, io
 
 from ..collab_core.errors import CollabError
-from .adapters import CATEGORY, CollabNodeError, node_error
+from .errors import CollabNodeError, node_error
+
+#: Node category in the host's "Add Node" menu.
+CATEGORY = "collaborative_diffusion"
 
 # The pack's own socket types (plain strings on the wire, so saved workflows keep connecting).
 Branches = io.Custom("COLLAB_BRANCHES")
@@ -69,4 +72,4 @@ class CollabExtension(ComfyExtension):
 
 
 __all__ = ["io", "CollabNode", "CollabExtension", "Branches", "Encoder", "Diffuser", "Inversion", "advanced",
-           "SEED_MAX"]
+           "SEED_MAX", "CATEGORY", "CollabNodeError", "node_error"]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import BranchMismatchError, ConditioningError, ConfigError
+from ..collaborative import InfluenceRecorder
 from ..fusion import InfluenceConfig
 from ..images import save_images, save_influence, to_uint8
 from ..pipeline import CollaborativePipeline, GenerationResult
@@ -25,25 +26,17 @@ from ..schedule import ddim_schedule
 from .imagic import UnimodalEdit, tuned_pipeline
 from .inputs import (changed_labels, check_image_size, check_sizes, edit_region, encode_image, load_image,
                      load_labels, load_region, region_to_pixels)
-from .inversion import Inversion, ddim_invert, sample_from_inversion, steps_for_strength
+from .inversion import Inversion, ddim_invert, region_start, sample_from_inversion, steps_for_strength
 
 log = logging.getLogger(__name__)
 
 
 def recording_denoiser(pipe: CollaborativePipeline, contexts: Mapping[str, torch.Tensor],
                        influence: Optional[InfluenceConfig] = None, spatial=None,
-                       record: Optional[dict[str, list[torch.Tensor]]] = None) -> Callable:
-    """``eps = f(x, t)`` of the collaborative model; appends each branch's applied influence to ``record``."""
-    names = [n for n in pipe.names if n in contexts]
-
-    def denoiser(x, t):
-        out = pipe.step(x, t, contexts, influence, spatial)
-        if record is not None and out.fusion is not None:
-            for name, w in zip(names, out.fusion.weights):
-                record.setdefault(name, []).append(w.detach().float().cpu())
-        return out.eps
-
-    return denoiser
+                       record: Optional[InfluenceRecorder] = None) -> Callable:
+    """``eps = f(x, t)`` of the collaborative model (``CollaborativePipeline.denoiser``); each fused step's applied
+    influence goes to ``record``, on the sampling device."""
+    return pipe.denoiser(contexts, influence, spatial, record)
 
 
 def _alpha_for(alpha: float | Mapping[str, float], name: str) -> float:
@@ -122,6 +115,56 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _checked_conditions(pipe: CollaborativePipeline, target: Mapping[str, Any],
+                        source: Optional[Mapping[str, Any]]) -> tuple[dict, dict]:
+    """The target and source conditions without the empty ones, refused when they name no branch of ``pipe``."""
+    target = {k: v for k, v in target.items() if v is not None}
+    if not target:
+        raise ConditioningError(f"give at least one target condition ({', '.join(pipe.names)})")
+    unknown = set(target) - set(pipe.names)
+    if unknown:
+        raise ConditioningError(f"target conditions for {sorted(unknown)} but this pipeline's branches are {pipe.names}")
+    source = {k: v for k, v in (source or {}).items() if v is not None}
+    unknown = set(source) - set(target)
+    if unknown:
+        raise ConditioningError(f"source conditions for {sorted(unknown)} without a target condition; give the "
+                                f"target too (the same value if it should not change)")
+    return target, source
+
+
+def _read_masks(img: torch.Tensor, target: dict, source: dict, tolerance: Optional[float]) -> None:
+    """Read the masks in place, once (clear errors naming which mask), checked to be the picture's size."""
+    masks = {}
+    for role, conds in (("target mask", target), ("source mask", source)):
+        if "mask" in conds:
+            conds["mask"] = load_labels(conds["mask"], role, tolerance)
+            masks[role] = conds["mask"]
+    check_sizes(img, masks)
+
+
+def _latent_region(img: torch.Tensor, latent_hw: tuple, region: Any, preserve: bool, changed: Optional[np.ndarray],
+                   same_otherwise: bool, grow: int, feather: float) -> Optional[torch.Tensor]:
+    """The latent noise mask of the edit (1 = may change): ``region`` if given, else where the masks differ (with
+    ``preserve``), else None (the whole picture may change)."""
+    if region is not None:
+        pix = load_region(region)
+        check_sizes(img, {"edit region": pix})
+        return edit_region(pix, latent_hw, grow=grow, feather=feather)
+    if preserve and changed is not None:
+        if not changed.any():
+            if same_otherwise:
+                raise ConditioningError("nothing to edit: the target mask equals the source mask")
+            raise ConditioningError(
+                "the target mask equals the source mask, so with preservation on nothing may change; edit the mask, "
+                "or turn preservation off (preserve=False / --preserve off) to let the new caption change the whole "
+                "picture")
+        return edit_region(changed, latent_hw, grow=grow, feather=feather)
+    if preserve:
+        log.info("no source mask: the whole picture may change (give the photo's mask as the source mask to keep "
+                 "what the edit does not touch)")
+    return None
+
+
 @torch.no_grad()
 def edit_by_inversion(pipe: CollaborativePipeline, image: Any, target: Mapping[str, Any],
                       source: Optional[Mapping[str, Any]] = None, *, steps: int = 50, strength: float = 1.0,
@@ -148,29 +191,10 @@ def edit_by_inversion(pipe: CollaborativePipeline, image: Any, target: Mapping[s
         raise ConfigError(f"inside must be 'inverted' or 'noise', got {inside!r}")
     if posterior not in ("mean", "sample"):
         raise ConfigError(f"posterior must be 'mean' or 'sample', got {posterior!r}")
-    target = {k: v for k, v in target.items() if v is not None}
-    if not target:
-        raise ConditioningError(f"give at least one target condition ({', '.join(pipe.names)})")
-    unknown = set(target) - set(pipe.names)
-    if unknown:
-        raise ConditioningError(f"target conditions for {sorted(unknown)} but this pipeline's branches are {pipe.names}")
-    source = {k: v for k, v in (source or {}).items() if v is not None}
-    unknown = set(source) - set(target)
-    if unknown:
-        raise ConditioningError(f"source conditions for {sorted(unknown)} without a target condition; give the "
-                                f"target too (the same value if it should not change)")
+    target, source = _checked_conditions(pipe, target, source)
     img = load_image(image)
     check_image_size(img, pipe)
-    H, W = img.shape[-2:]
-    # Masks: read once (clear errors naming which mask), same size as the picture.
-    target = dict(target)
-    source = dict(source)
-    masks = {}
-    for role, conds in (("target mask", target), ("source mask", source)):
-        if "mask" in conds:
-            conds["mask"] = load_labels(conds["mask"], role, tolerance)
-            masks[role] = conds["mask"]
-    check_sizes(img, masks)
+    _read_masks(img, target, source, tolerance)
     full_source = {k: source.get(k, v) for k, v in target.items()}
     if all(_same(full_source[k], target[k]) for k in target):
         raise ConditioningError(
@@ -179,24 +203,8 @@ def edit_by_inversion(pipe: CollaborativePipeline, image: Any, target: Mapping[s
             "caption of the photo as the source text) and the edited mask / new caption as the target")
     changed = changed_labels(source["mask"], target["mask"]) if "mask" in source else None
     z0 = encode_image(pipe, img, sample=posterior == "sample", seed=seed)
-    latent_hw = tuple(z0.shape[-2:])
-    reg = None
-    if region is not None:
-        pix = load_region(region)
-        check_sizes(img, {"edit region": pix})
-        reg = edit_region(pix, latent_hw, grow=grow, feather=feather)
-    elif preserve and changed is not None:
-        if not changed.any():
-            if all(_same(full_source[k], target[k]) for k in target if k != "mask"):
-                raise ConditioningError("nothing to edit: the target mask equals the source mask")
-            raise ConditioningError(
-                "the target mask equals the source mask, so with preservation on nothing may change; edit the mask, "
-                "or turn preservation off (preserve=False / --preserve off) to let the new caption change the whole "
-                "picture")
-        reg = edit_region(changed, latent_hw, grow=grow, feather=feather)
-    elif preserve:
-        log.info("no source mask: the whole picture may change (give the photo's mask as the source mask to keep "
-                 "what the edit does not touch)")
+    reg = _latent_region(img, tuple(z0.shape[-2:]), region, preserve, changed, grow=grow, feather=feather,
+                         same_otherwise=all(_same(full_source[k], target[k]) for k in target if k != "mask"))
     if inside == "noise" and reg is None:
         raise ConditioningError("inside='noise' regenerates the edited region from noise and needs one: give the "
                                 "photo's own mask as the source mask (or an explicit region), with preservation on")
@@ -205,28 +213,22 @@ def edit_by_inversion(pipe: CollaborativePipeline, image: Any, target: Mapping[s
     schedule = ddim_schedule(pipe.alphas_cumprod, steps, 0.0)
     n = len(schedule)
     start = n - steps_for_strength(n, strength)
-    inv = ddim_invert(recording_denoiser(pipe, src_ctx, influence), z0, schedule, start=start, refine=refine,
+    inv = ddim_invert(pipe.denoiser(src_ctx, influence), z0, schedule, start=start, refine=refine,
                       correct=correct and inside == "inverted", progress=progress)
     generator = torch.Generator(device=pipe.device).manual_seed(int(seed)) if eta or inside == "noise" else None
     x_start = None
     if inside == "noise":
-        a = float(schedule.a_t[start])
         noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-        fresh = a ** 0.5 * z0 + (1 - a) ** 0.5 * noise
-        region_t = reg.to(device=z0.device, dtype=z0.dtype)
-        x_start = region_t * fresh + (1 - region_t) * inv.x_T
-    record: dict[str, list[torch.Tensor]] = {}
-    z = sample_from_inversion(recording_denoiser(pipe, tgt_ctx, influence, record=record), inv, region=reg, eta=eta,
+        x_start = region_start(inv, reg, noise)
+    recorder = InfluenceRecorder()
+    z = sample_from_inversion(pipe.denoiser(tgt_ctx, influence, recorder=recorder), inv, region=reg, eta=eta,
                               alphas_cumprod=pipe.alphas_cumprod, generator=generator, x_start=x_start,
                               progress=progress, callback=callback)
-    recon = None
-    if reconstruct:
-        recon = sample_from_inversion(recording_denoiser(pipe, src_ctx, influence), inv, progress=progress)
+    recon = sample_from_inversion(pipe.denoiser(src_ctx, influence), inv, progress=progress) if reconstruct else None
     decoded = pipe.decode(z)
-    maps = {name: torch.stack(ws) for name, ws in record.items()}
     settings = {"method": "inversion", "steps": steps, "strength": strength, "start_step": start, "refine": refine,
                 "correct": correct and inside == "inverted", "preserve": preserve and reg is not None, "grow": grow,
                 "feather": feather, "inside": inside,
                 "eta": eta, "seed": seed, "posterior": posterior, "inversion_mismatch": inv.mismatch()}
-    return EditResult(images=to_uint8(decoded), latents=z, decoded=decoded, z0=z0, influence=maps, region=reg,
-                      changed=changed, inversion=inv, reconstruction=recon, settings=settings)
+    return EditResult(images=to_uint8(decoded), latents=z, decoded=decoded, z0=z0, influence=recorder.maps(),
+                      region=reg, changed=changed, inversion=inv, reconstruction=recon, settings=settings)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import BranchMismatchError, CheckpointError, CollabError, ConfigError
 from ..pipeline import CollaborativePipeline, unet_eps
+from ..schedule import ForwardRoots, q_sample
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +158,6 @@ def _needs_copy_for_grad(module: nn.Module) -> bool:
     return any(p.is_inference() for p in module.parameters())
 
 
-def _q_sample_coefficients(alphas_cumprod: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    ac = alphas_cumprod.detach().to("cpu", torch.float64)
-    return ac.sqrt().float().to(device), (1.0 - ac).sqrt().float().to(device)
-
-
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
@@ -185,7 +181,7 @@ def _denoising_loop(stage: str, forward: Callable[[torch.Tensor, torch.Tensor], 
         gen.set_state(resume.generator.to("cpu") if device.type != "cpu" else resume.generator)
         losses = list(resume.losses)
         start = resume.iteration
-    sqrt_a, sqrt_1ma = _q_sample_coefficients(alphas_cumprod, device)
+    roots = ForwardRoots.of(alphas_cumprod, device)
     num_t = int(alphas_cumprod.shape[0])
     z0 = z0.detach().float().clone()  # callers run inside inference_mode(False): a normal tensor
 
@@ -200,7 +196,7 @@ def _denoising_loop(stage: str, forward: Callable[[torch.Tensor, torch.Tensor], 
     for i in bar:
         noise = torch.randn(z0.shape, generator=gen, device=device, dtype=torch.float32)
         t = torch.randint(0, num_t, (1,), generator=gen, device=device)
-        x_t = sqrt_a[t].view(-1, 1, 1, 1) * z0 + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
+        x_t = q_sample(z0, noise, roots, t)
         loss = F.mse_loss(forward(x_t, t).float(), noise)
         grads = torch.autograd.grad(loss, params)
         for p, g in zip(params, grads):
@@ -235,13 +231,13 @@ def evaluation_loss(unet: nn.Module, z0: torch.Tensor, embedding: torch.Tensor, 
     the noisy per-iteration loss (one random t each)."""
     device = z0.device
     gen = _generator(device, seed)
-    sqrt_a, sqrt_1ma = _q_sample_coefficients(alphas_cumprod, device)
+    roots = ForwardRoots.of(alphas_cumprod, device)
     num_t = int(alphas_cumprod.shape[0])
     dtype = next(unet.parameters()).dtype
     z = z0.detach().float()
     t = torch.linspace(0, num_t - 1, samples, device=device).round().long()
     noise = torch.randn((samples,) + tuple(z.shape[1:]), generator=gen, device=device, dtype=torch.float32)
-    x_t = sqrt_a[t].view(-1, 1, 1, 1) * z + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
+    x_t = q_sample(z, noise, roots, t)
     emb = embedding.detach().to(device=device, dtype=dtype).expand(samples, -1, -1)
     pred = (forward or unet_eps)(unet, x_t.to(dtype), t, emb).float()
     return float(F.mse_loss(pred, noise))
@@ -454,11 +450,45 @@ def run_imagic(pipe: CollaborativePipeline, name: str, z0: torch.Tensor, target:
     unet = pipe.branch(name).unet
     z0 = z0.to(device=pipe.device)
     target = target.detach().to(device=pipe.device, dtype=torch.float32)
-    wd = Path(work_dir) if work_dir is not None else None
+    work = _WorkDir(Path(work_dir)) if work_dir is not None else None
     losses: dict[str, list[float]] = {}
     emb_opt: Optional[torch.Tensor] = None
     tuned: Optional[nn.Module] = None
-    if wd is not None:
+    if work is not None:
+        losses, emb_opt, tuned = work.open(pipe, name, z0, target, config, finetune)
+    stage = dict(checkpoint_every=config.checkpoint_every, callback=callback, progress=progress)
+    if emb_opt is None:
+        res = optimize_embedding(unet, z0, target, pipe.alphas_cumprod, iters=config.stage1_iters,
+                                 lr=config.stage1_lr, seed=config.seed, **stage,
+                                 **(work.stage_io("embedding") if work is not None else {}))
+        emb_opt = res.embedding
+        losses["embedding"] = res.losses
+        if work is not None:
+            work.finish_embedding(emb_opt, losses)
+    if finetune and tuned is None:
+        res = finetune_unet(unet, z0, emb_opt, pipe.alphas_cumprod, iters=config.stage2_iters, lr=config.stage2_lr,
+                            seed=config.seed + 1, gradient_checkpointing=config.gradient_checkpointing, **stage,
+                            **(work.stage_io("finetune") if work is not None else {}))
+        tuned = res.unet
+        losses["finetune"] = res.losses
+        if work is not None:
+            work.finish_finetune(tuned, name, losses)
+    return UnimodalEdit(name=name, target=target, optimized=emb_opt.to(target.dtype), unet=tuned, losses=losses)
+
+
+class _WorkDir:
+    """The resumable files of one branch's Imagic run (see :func:`run_imagic`)."""
+
+    STAGE_FILES = ("emb_opt.pt", "optDM_unet.safetensors", "losses.json", "resume_embedding.pt", "resume_finetune.pt")
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def open(self, pipe: CollaborativePipeline, name: str, z0: torch.Tensor, target: torch.Tensor,
+             config: ImagicConfig, finetune: bool):
+        """Start or continue the run here: (losses so far, the stage-A embedding, the stage-B UNet), None for a
+        stage still to run. Files of another run (other inputs or settings) are deleted first."""
+        wd = self.path
         wd.mkdir(parents=True, exist_ok=True)
         fp = _fingerprint(z0, target, config)
         run_file = wd / "run.json"
@@ -469,52 +499,35 @@ def run_imagic(pipe: CollaborativePipeline, name: str, z0: torch.Tensor, target:
                 same = False
             if not same:
                 log.warning("%s holds another run (different picture, condition or settings); starting over", wd)
-                for f in ("emb_opt.pt", "optDM_unet.safetensors", "losses.json", "resume_embedding.pt",
-                          "resume_finetune.pt"):
+                for f in self.STAGE_FILES:
                     (wd / f).unlink(missing_ok=True)
         run_file.write_text(json.dumps({"branch": name, "fingerprint": fp}, indent=1))
         _save_tensor(target, wd / "emb_tgt.pt")
-        if (wd / "losses.json").is_file():
-            losses = json.loads((wd / "losses.json").read_text())
+        losses = json.loads((wd / "losses.json").read_text()) if (wd / "losses.json").is_file() else {}
+        emb_opt, tuned = None, None
         if (wd / "emb_opt.pt").is_file():
             emb_opt = _load_tensor(wd / "emb_opt.pt").to(pipe.device, torch.float32)
             log.info("stage A already done in %s", wd)
         if finetune and (wd / "optDM_unet.safetensors").is_file() and emb_opt is not None:
             tuned = load_tuned_unet(pipe, name, wd / "optDM_unet.safetensors")
             log.info("stage B already done in %s", wd)
+        return losses, emb_opt, tuned
 
-    def checkpoint_to(stage):
-        if wd is None:
-            return None
-        return lambda state: state.save(wd / f"resume_{stage}.pt")
+    def stage_io(self, stage: str) -> dict:
+        """The ``resume`` and ``on_checkpoint`` arguments of a stage: its saved state, if any, and where to save."""
+        path = self.path / f"resume_{stage}.pt"
+        resume = None
+        if path.is_file():
+            resume = StageState.load(path)
+            log.info("resuming stage %s at iteration %d/%d", stage, resume.iteration, resume.total)
+        return {"resume": resume, "on_checkpoint": lambda state: state.save(path)}
 
-    def resume_of(stage):
-        if wd is None or not (wd / f"resume_{stage}.pt").is_file():
-            return None
-        state = StageState.load(wd / f"resume_{stage}.pt")
-        log.info("resuming stage %s at iteration %d/%d", stage, state.iteration, state.total)
-        return state
+    def finish_embedding(self, emb_opt: torch.Tensor, losses: dict) -> None:
+        _save_tensor(emb_opt, self.path / "emb_opt.pt")
+        (self.path / "losses.json").write_text(json.dumps(losses))
+        (self.path / "resume_embedding.pt").unlink(missing_ok=True)
 
-    if emb_opt is None:
-        res = optimize_embedding(unet, z0, target, pipe.alphas_cumprod, iters=config.stage1_iters,
-                                 lr=config.stage1_lr, seed=config.seed, resume=resume_of("embedding"),
-                                 checkpoint_every=config.checkpoint_every, on_checkpoint=checkpoint_to("embedding"),
-                                 callback=callback, progress=progress)
-        emb_opt = res.embedding
-        losses["embedding"] = res.losses
-        if wd is not None:
-            _save_tensor(emb_opt, wd / "emb_opt.pt")
-            (wd / "losses.json").write_text(json.dumps(losses))
-            (wd / "resume_embedding.pt").unlink(missing_ok=True)
-    if finetune and tuned is None:
-        res = finetune_unet(unet, z0, emb_opt, pipe.alphas_cumprod, iters=config.stage2_iters, lr=config.stage2_lr,
-                            seed=config.seed + 1, resume=resume_of("finetune"),
-                            checkpoint_every=config.checkpoint_every, on_checkpoint=checkpoint_to("finetune"),
-                            callback=callback, progress=progress, gradient_checkpointing=config.gradient_checkpointing)
-        tuned = res.unet
-        losses["finetune"] = res.losses
-        if wd is not None:
-            save_tuned_unet(tuned, wd / "optDM_unet.safetensors", name)
-            (wd / "losses.json").write_text(json.dumps(losses))
-            (wd / "resume_finetune.pt").unlink(missing_ok=True)
-    return UnimodalEdit(name=name, target=target, optimized=emb_opt.to(target.dtype), unet=tuned, losses=losses)
+    def finish_finetune(self, tuned: nn.Module, name: str, losses: dict) -> None:
+        save_tuned_unet(tuned, self.path / "optDM_unet.safetensors", name)
+        (self.path / "losses.json").write_text(json.dumps(losses))
+        (self.path / "resume_finetune.pt").unlink(missing_ok=True)

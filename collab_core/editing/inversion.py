@@ -31,8 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..sampling import Denoiser, ddim_step
-from ..schedule import DDIMSchedule, ddim_schedule
+from ..sampling import Denoiser, StepHook, ddim_step, sample_ddim, zero_noise
+from ..schedule import DDIMSchedule, ddim_schedule, q_sample
 
 
 @dataclass
@@ -125,31 +125,43 @@ def sample_from_inversion(denoiser: Denoiser, inversion: Inversion, *, region: O
 
     η > 0 adds fresh noise inside the region (variations; needs ``alphas_cumprod`` and a ``generator``); η = 0
     is deterministic and, with the inversion's conditions, gives back the photo latent. ``x_start`` replaces the
-    inverted starting state (e.g. fresh noise inside the region).
+    inverted starting state (e.g. :func:`region_start`). The loop is the sampler's own ``sample_ddim``; the
+    correction and the region act as its step hook.
     """
     sched = inversion.schedule
     if eta:
         if alphas_cumprod is None:
             raise ConfigError("eta > 0 needs the model's alphas_cumprod")
         sched = ddim_schedule(alphas_cumprod, len(sched), eta)
-    n = len(sched)
     x = inversion.x_T if x_start is None else x_start
     if region is not None:
         region = region.to(device=x.device, dtype=x.dtype)
-    for i in tqdm(range(inversion.start, n), desc="DDIM", disable=not progress, leave=False):
-        t = torch.full((x.shape[0],), int(sched.timesteps[i]), device=x.device, dtype=torch.long)
-        eps = denoiser(x, t)
-        if eta:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        else:
-            noise = torch.zeros_like(x)
-        x_prev, pred_x0 = ddim_step(x, eps, sched.a_t[i], sched.a_prev[i], sched.sigma[i],
-                                    sched.sqrt_one_minus_a_t[i], noise)
+    return sample_ddim(denoiser, x, sched, noise_sampler=None if eta else zero_noise, generator=generator,
+                       callback=callback, progress=progress, start=inversion.start,
+                       hook=inversion_hook(inversion, region))
+
+
+def inversion_hook(inversion: Inversion, region: Optional[torch.Tensor] = None) -> Optional[StepHook]:
+    """The step hook of resampling: with recorded landings, each step lands where the inversion says plus what the
+    new conditions change (x_{i+1} + step_i(x) − b_i); outside ``region`` the inversion's own latent."""
+    if inversion.landings is None and region is None:
+        return None
+
+    def hook(i: int, x_prev: torch.Tensor) -> torch.Tensor:
         if inversion.landings is not None:
             x_prev = inversion.states[i + 1] + (x_prev - inversion.landings[i])
         if region is not None:
             x_prev = region * x_prev + (1 - region) * inversion.states[i + 1]
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "x_prev": x_prev, "pred_x0": pred_x0, "eps": eps})
-        x = x_prev
-    return x
+        return x_prev
+
+    return hook
+
+
+def region_start(inversion: Inversion, region: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The starting state that regenerates ``region`` from noise: inside, the photo latent noised to the starting
+    level with ``noise``; outside, the inverted latent. Resample it with an inversion without landings (the
+    correction would pull the region back to the photo)."""
+    a = float(inversion.schedule.a_t[inversion.start])
+    z0 = inversion.z0
+    r = region.to(device=z0.device, dtype=z0.dtype)
+    return r * q_sample(z0, noise, a) + (1 - r) * inversion.x_T

@@ -153,6 +153,98 @@ def batch_generator(seed: int, step: int, micro: int, process: int) -> torch.Gen
     return g
 
 
+class _Run:
+    """One training run on the accelerator: the prepared networks, AdamW and its schedule, the weight average, the
+    resumable state in ``out_dir/state`` and the log ``out_dir/train_log.jsonl``."""
+
+    def __init__(self, name: str, out_dir: Path, modules: Mapping[str, nn.Module], val_fn: ValFn,
+                 export_fn: ExportFn, cfg: TrainConfig, frozen: Mapping[str, nn.Module]):
+        self.name, self.cfg, self.val_fn, self.export_fn = name, cfg, val_fn, export_fn
+        self.accelerator = make_accelerator(cfg)
+        self.device = self.accelerator.device
+        for m in dict(frozen).values():
+            m.to(self.device).eval().requires_grad_(False)
+        names = list(modules)
+        self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError(f"{name}: nothing to train (all parameters frozen)")
+        opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+        prepared = self.accelerator.prepare(*modules.values(), opt, sched)
+        self.wrapped = dict(zip(names, prepared[: len(names)]))
+        self.opt, self.sched = prepared[len(names)], prepared[len(names) + 1]
+        self.state_dir = out_dir / "state"
+        self.averaged = WeightAverage(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.use_average = self.averaged.swapped if self.averaged is not None else nullcontext
+        self.log_path = out_dir / "train_log.jsonl"
+
+    def resume(self) -> int:
+        """The step to start from: the saved state's, restored (0 when there is none or ``resume`` is off)."""
+        if not (self.cfg.resume and (self.state_dir / "trainer.json").is_file()):
+            return 0
+        self.accelerator.load_state(str(self.state_dir))
+        step = int(json.loads((self.state_dir / "trainer.json").read_text())["step"])
+        if self.averaged is not None:
+            if not (self.state_dir / "ema.pt").is_file():
+                raise ConfigError(f"{self.state_dir} was saved without a weight average; resume with --ema 0 or start "
+                                  "over with --no-resume")
+            self.averaged.load_state_dict(torch.load(self.state_dir / "ema.pt", map_location="cpu", weights_only=True))
+        log.info("%s: resumed at step %d from %s", self.name, step, self.state_dir)
+        return step
+
+    def unwrapped(self) -> dict[str, nn.Module]:
+        return {k: self.accelerator.unwrap_model(v) for k, v in self.wrapped.items()}
+
+    def train_mode(self, on: bool = True) -> None:
+        for m in self.wrapped.values():
+            m.train(on)
+
+    def validate(self) -> float:
+        self.train_mode(False)
+        with torch.no_grad(), self.accelerator.autocast(), self.use_average():
+            v = float(self.val_fn(self.unwrapped(), self.device))
+        self.train_mode()
+        return v
+
+    def record(self, entry: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    def save(self, step_now: int) -> list:
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(self.state_dir))
+        paths = []
+        if self.accelerator.is_main_process:
+            if self.averaged is not None:
+                torch.save(self.averaged.state_dict(), self.state_dir / "ema.pt")
+            (self.state_dir / "trainer.json").write_text(json.dumps({"step": step_now, "config": asdict(self.cfg)}))
+            with self.use_average():
+                paths = self.export_fn(self.unwrapped(), step_now)
+        return paths
+
+    def step(self, step: int, loss_fn: LossFn) -> float:
+        """One optimiser step (``grad_accum`` micro-steps, each with its own seeded batch); the last loss."""
+        cfg, acc = self.cfg, self.accelerator
+        for micro in range(cfg.grad_accum):
+            g = batch_generator(cfg.seed, step, micro, acc.process_index)
+            ctx = StepContext(modules=self.wrapped, device=self.device, generator=g, batch_size=cfg.batch_size)
+            with acc.accumulate(*self.wrapped.values()):
+                with acc.autocast():
+                    loss = loss_fn(ctx)
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"{self.name}: the loss became {float(loss)} at step {step}; lower --lr")
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.grad_clip:
+                    acc.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+        if self.averaged is not None:
+            self.averaged.update()
+        return float(loss.detach())
+
+
 def train(name: str, out_dir: Path, modules: Mapping[str, nn.Module], loss_fn: LossFn, val_fn: ValFn,
           export_fn: ExportFn, cfg: TrainConfig, frozen: Mapping[str, nn.Module] = ()) -> dict:
     """Train ``modules`` (AdamW, optional warm-up, gradient clipping) to minimise ``loss_fn``.
@@ -162,120 +254,41 @@ def train(name: str, out_dir: Path, modules: Mapping[str, nn.Module], loss_fn: L
     ``frozen`` networks are moved to the device and kept in eval mode without gradients.
     Returns a summary: first/last validation loss, steps, seconds.
     """
+    from tqdm.auto import tqdm
+
     cfg.check()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(cfg)
-    device = accelerator.device
-    for m in dict(frozen).values():
-        m.to(device).eval().requires_grad_(False)
-    names = list(modules)
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError(f"{name}: nothing to train (all parameters frozen)")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    prepared = accelerator.prepare(*modules.values(), opt, sched)
-    wrapped = dict(zip(names, prepared[: len(names)]))
-    opt, sched = prepared[len(names)], prepared[len(names) + 1]
-
-    state_dir = out_dir / "state"
-    averaged = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    step = 0
-    if cfg.resume and (state_dir / "trainer.json").is_file():
-        accelerator.load_state(str(state_dir))
-        step = int(json.loads((state_dir / "trainer.json").read_text())["step"])
-        if averaged is not None:
-            if not (state_dir / "ema.pt").is_file():
-                raise ConfigError(f"{state_dir} was saved without a weight average; resume with --ema 0 or start "
-                                  "over with --no-resume")
-            averaged.load_state_dict(torch.load(state_dir / "ema.pt", map_location="cpu", weights_only=True))
-        log.info("%s: resumed at step %d from %s", name, step, state_dir)
-    use_average = averaged.swapped if averaged is not None else nullcontext
-    log_path = out_dir / "train_log.jsonl"
-
-    def unwrapped() -> dict[str, nn.Module]:
-        return {k: accelerator.unwrap_model(v) for k, v in wrapped.items()}
-
-    def validate() -> float:
-        for m in wrapped.values():
-            m.eval()
-        with torch.no_grad(), accelerator.autocast(), use_average():
-            v = float(val_fn(unwrapped(), device))
-        for m in wrapped.values():
-            m.train()
-        return v
-
-    def record(entry: dict) -> None:
-        if accelerator.is_main_process:
-            with open(log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
-
-    def save(step_now: int) -> list:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(state_dir))
-        paths = []
-        if accelerator.is_main_process:
-            if averaged is not None:
-                torch.save(averaged.state_dict(), state_dir / "ema.pt")
-            (state_dir / "trainer.json").write_text(json.dumps({"step": step_now, "config": asdict(cfg)}))
-            with use_average():
-                paths = export_fn(unwrapped(), step_now)
-        return paths
-
+    run = _Run(name, out_dir, modules, val_fn, export_fn, cfg, frozen)
+    step = run.resume()
     started = time.perf_counter()
-    val_first = validate()
-    record({"step": step, "val_loss": val_first, "event": "start" if step == 0 else "resume"})
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=step, desc=name, disable=not (cfg.progress and accelerator.is_main_process),
-               dynamic_ncols=True)
-    for m in wrapped.values():
-        m.train()
+    val_first = run.validate()
+    run.record({"step": step, "val_loss": val_first, "event": "start" if step == 0 else "resume"})
+    bar = tqdm(total=cfg.steps, initial=step, desc=name,
+               disable=not (cfg.progress and run.accelerator.is_main_process), dynamic_ncols=True)
+    run.train_mode()
     ema, val = None, val_first
     losses = []
     while step < cfg.steps:
-        for micro in range(cfg.grad_accum):
-            g = batch_generator(cfg.seed, step, micro, accelerator.process_index)
-            ctx = StepContext(modules=wrapped, device=device, generator=g, batch_size=cfg.batch_size)
-            with accelerator.accumulate(*wrapped.values()):
-                with accelerator.autocast():
-                    loss = loss_fn(ctx)
-                if not torch.isfinite(loss):
-                    raise ConfigError(f"{name}: the loss became {float(loss)} at step {step}; lower --lr")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.grad_clip:
-                    accelerator.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-        if averaged is not None:
-            averaged.update()
+        lv = run.step(step, loss_fn)
         step += 1
-        lv = float(loss.detach())
         losses.append(lv)
         ema = lv if ema is None else 0.98 * ema + 0.02 * lv
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}", val=f"{val:.4f}")
         if step % cfg.val_every == 0 or step == cfg.steps:
-            val = validate()
-            record({"step": step, "loss": ema, "val_loss": val, "lr": sched.get_last_lr()[0],
-                    "seconds": round(time.perf_counter() - started, 1)})
+            val = run.validate()
+            run.record({"step": step, "loss": ema, "val_loss": val, "lr": run.sched.get_last_lr()[0],
+                        "seconds": round(time.perf_counter() - started, 1)})
         if step % cfg.save_every == 0 and step < cfg.steps:
-            save(step)
+            run.save(step)
     bar.close()
-    paths = save(step)
+    paths = run.save(step)
     seconds = time.perf_counter() - started
     summary = {"name": name, "steps": step, "val_loss_start": val_first, "val_loss_end": val, "seconds": round(seconds, 1),
                "train_loss_first": losses[:10], "train_loss_last": losses[-10:], "files": [str(p) for p in paths]}
-    record({"event": "end", **{k: v for k, v in summary.items() if k not in ("train_loss_first", "train_loss_last")}})
+    run.record({"event": "end", **{k: v for k, v in summary.items() if k not in ("train_loss_first", "train_loss_last")}})
     return summary
-
-
-def q_sample(z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε (``ddpm.py:q_sample``)."""
-    a = alphas_cumprod.to(z0.device)[t].float().view(-1, 1, 1, 1)
-    return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
 
 def fixed_noise(n: int, shape, seed: int = 1234, num_timesteps: int = 1000):

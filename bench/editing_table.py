@@ -1,4 +1,7 @@
-"""Measure editing quality and time: ``python -m collab_core.editing.measure``.
+"""Measure editing quality and time: ``python bench/editing_table.py`` (formerly ``collab_core.editing.measure``).
+
+A benchmark script, not library code: ``quality`` and ``synthetic`` are each one linear sequence of measurements
+(load, edit with every method, score, print) and are kept whole so that the table they print reads top to bottom.
 
 Quality (``--checkpoints DIR``): edits one photo with each method and prints fidelity outside the edited region
 (PSNR/SSIM against the photo and against its VAE reconstruction — the best a latent edit can reach), the latent
@@ -6,7 +9,7 @@ change outside the region, and the colour agreement with the target mask inside;
 Without ``--image`` the photo is painted from the source mask (class colours + grain) and the target mask
 repaints its hair as background, so that the measurement runs on any checkpoints, e.g. the test fixtures::
 
-    python -m collab_core.editing.measure --checkpoints ../shared/fixtures/reference/pretrained \\
+    python bench/editing_table.py --checkpoints ../shared/fixtures/reference/pretrained \\
         --source-mask-from-fixtures ../shared/fixtures/reference
 
 Synthetic faces with ground truth (``--synthetic N``, for the demo bundle ``collab_core/demo``): three edits of
@@ -14,7 +17,7 @@ each test face — another hair style and glasses on/off (mask edits), another h
 true result the data generator can render, so the report adds how close the edit comes to the truth inside the
 region::
 
-    python -m collab_core.editing.measure --checkpoints collab_core/demo --synthetic 8 --synthetic-imagic 2
+    python bench/editing_table.py --checkpoints collab_core/demo --synthetic 8 --synthetic-imagic 2
 
 Time (``--official-timing``): one step of each editing stage on the official 512 (or ``--size 256``) network
 shapes with random weights, and the projected time of a whole edit with the reference's defaults.
@@ -31,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's collab_core, as the other benches
 
 
 def _sync(device):
@@ -50,7 +55,7 @@ def _timed(fn, device, repeat=2):
 
 
 def painted_photo(labels: np.ndarray, seed: int = 0) -> np.ndarray:
-    from ..masks import colorize_labels
+    from collab_core.masks import colorize_labels
 
     rng = np.random.default_rng(seed)
     x = colorize_labels(labels).astype(np.float32) * 0.8 + 20 + rng.normal(0, 8, labels.shape + (3,))
@@ -58,12 +63,12 @@ def painted_photo(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def quality(args) -> dict:
-    from ..images import to_uint8
-    from ..models import load_pipeline
-    from . import edit as E
-    from . import imagic as I
-    from .inputs import encode_image, load_image, load_labels
-    from .metrics import edit_report
+    from collab_core.images import to_uint8
+    from collab_core.models import load_pipeline
+    from collab_core.editing import edit as E
+    from collab_core.editing import imagic as I
+    from collab_core.editing.inputs import encode_image, load_image, load_labels
+    from collab_core.editing.metrics import edit_report
 
     device = torch.device(args.device)
     if args.source_mask_from_fixtures:
@@ -142,7 +147,7 @@ def quality(args) -> dict:
 def _render(g: dict, attrs: dict, size: int, supersample: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic face (picture, labels) from its drawn geometry and attributes, as the training data's
     ``face_sample`` renders it — so that an edited geometry or attribute has a ground-truth picture."""
-    from ..training import synthetic as S
+    from collab_core.training import synthetic as S
 
     big = size * supersample
     lab_big, xy = S._paint_labels(g, big)
@@ -155,7 +160,7 @@ def _render(g: dict, attrs: dict, size: int, supersample: int = 2) -> tuple[np.n
 def synthetic_edits(index: int, size: int, seed: int = 0) -> list[dict]:
     """Three edits of test face ``index`` with ground truth: another hair style (mask), glasses on/off (mask),
     another hair colour (caption)."""
-    from ..training import synthetic as S
+    from collab_core.training import synthetic as S
 
     g, attrs, template = S._draw_params(S._rng(seed, "test", index))
     photo, labels = _render(g, attrs, size)
@@ -176,12 +181,12 @@ def synthetic_edits(index: int, size: int, seed: int = 0) -> list[dict]:
 
 
 def synthetic(args) -> dict:
-    from ..images import to_uint8
-    from ..models import load_pipeline
-    from . import edit as E
-    from . import imagic as I
-    from .inputs import encode_image, load_image
-    from .metrics import colour_agreement, edit_report, target_agreement
+    from collab_core.images import to_uint8
+    from collab_core.models import load_pipeline
+    from collab_core.editing import edit as E
+    from collab_core.editing import imagic as I
+    from collab_core.editing.inputs import encode_image, load_image
+    from collab_core.editing.metrics import colour_agreement, edit_report, target_agreement
 
     device = torch.device(args.device)
     pipe = load_pipeline(args.checkpoints, prefix=args.prefix, device=device)
@@ -249,10 +254,10 @@ def synthetic(args) -> dict:
 def official_timing(args) -> dict:
     from diffusers import UNet2DConditionModel
 
-    from ..pipeline import Branch, CollaborativePipeline, unet_eps
-    from ..schedule import make_alphas_cumprod
-    from ..unet import official_unet_config
-    from .imagic import finetune_unet, optimize_embedding
+    from collab_core.pipeline import Branch, CollaborativePipeline, unet_eps
+    from collab_core.schedule import make_alphas_cumprod
+    from collab_core.unet import official_unet_config
+    from collab_core.editing.imagic import finetune_unet, optimize_embedding
 
     device = torch.device(args.device)
     latent = 64  # both official sets sample 3×64×64 latents
@@ -301,7 +306,7 @@ def official_timing(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m collab_core.editing.measure", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/editing_table.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", type=Path)
     p.add_argument("--prefix", default=None)
     p.add_argument("--image", type=Path)
