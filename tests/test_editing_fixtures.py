@@ -7,16 +7,15 @@ import functools
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
-
 from collab_core.masks import colorize_labels, labels_to_palette_image
+from reference_set import reference_set
 
 HAIR, SKIN, BACKGROUND = 13, 1, 0
 
 
 def fixture_labels(ref_dir) -> np.ndarray:
-    """The reference's 27007 mask at 32×32 (the fixture models' picture size)."""
-    return load_file(ref_dir / "inputs.safetensors")["mask_label_32"].numpy().astype(np.int64)
+    """The golden set's mask as its label map (the inputs file's ``mask_label_<side>``, the models' picture size)."""
+    return reference_set(ref_dir).mask_labels.numpy().astype(np.int64)
 
 
 def synthetic_photo(labels: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -57,4 +56,4 @@ def tiny_pipeline(ref_dir):
     check that)."""
     from collab_core.models import load_pipeline
 
-    return load_pipeline(diffuser=ref_dir / "pretrained" / "tiny_codiff_mask_text.safetensors")
+    return load_pipeline(diffuser=reference_set(ref_dir).checkpoint("codiff"))

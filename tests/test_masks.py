@@ -174,22 +174,20 @@ def test_foreign_palette_warns_and_uses_indices():
 
 
 @pytest.mark.parity
-def test_fixture_label_map_to_onehot(ref_dir):
-    from safetensors.torch import load_file
-
-    inputs = load_file(str(ref_dir / "inputs.safetensors"))
-    assert torch.equal(labels_to_onehot(inputs["mask_label_32"]), inputs["mask_onehot"])
+def test_fixture_label_map_to_onehot(ref):
+    labels = ref.mask_labels
+    side = labels.shape[-1]
+    assert torch.equal(labels_to_onehot(labels, size=side), ref.inputs["mask_onehot"])
 
 
 @pytest.mark.parity
-def test_fixture_512_palette_png_resizes_back(ref_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    label32 = load_file(str(ref_dir / "inputs.safetensors"))["mask_label_32"].numpy()
-    big = np.kron(label32, np.ones((16, 16), np.int64))
+def test_fixture_512_palette_png_resizes_back(ref, tmp_path):
+    labels = ref.mask_labels.numpy()
+    side = labels.shape[-1]
+    big = np.kron(labels, np.ones((512 // side, 512 // side), np.int64))  # the reference's 512 px test masks
     path = tmp_path / "mask512.png"
     _palette_png(big).save(path)
     assert Image.open(path).mode == "P"
-    oh = labels_to_onehot(path)
-    assert np.array_equal(oh[0].argmax(0).reshape(32, 32).numpy(), label32)
-    assert np.array_equal(labels_to_onehot(colorize_labels(big)).numpy(), oh.numpy())
+    oh = labels_to_onehot(path, size=side)
+    assert np.array_equal(oh[0].argmax(0).reshape(side, side).numpy(), labels)
+    assert np.array_equal(labels_to_onehot(colorize_labels(big), size=side).numpy(), oh.numpy())

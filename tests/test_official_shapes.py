@@ -1,7 +1,7 @@
 """The official 512/256 networks, checked without the multi-GB files.
 
 The key -> shape lists below are generated from the architecture as described in
-shared/docs/reference-method.md section 4 (LDM ``UNetModel`` and ``Encoder``/``Decoder``), written
+the reference's LDM ``UNetModel`` (openaimodel.py) and ``Encoder``/``Decoder`` (model.py), written
 independently of collab_core's converter. Tensors live on the meta device, so this costs no memory.
 """
 

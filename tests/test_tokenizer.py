@@ -1,5 +1,4 @@
 import hashlib
-import json
 import shutil
 import warnings
 
@@ -10,7 +9,7 @@ from collab_core.errors import CheckpointError, ConditioningError
 from collab_core.tokenizer import VOCAB_PATH, VOCAB_SHA256, TextTokenizer, default_tokenizer
 
 EXAMPLE = "This man has beard of medium length. He is in his thirties."
-# reference-method.md §5.1
+# The ids the reference's BertTokenizerFast(do_lower_case=True) gives for EXAMPLE ([CLS] ... [SEP], then 0 pads).
 EXAMPLE_IDS = [101, 2023, 2158, 2038, 10154, 1997, 5396, 3091, 1012, 2002, 2003, 1999, 2010, 26313, 1012, 102]
 
 
@@ -27,14 +26,14 @@ def test_documented_example_ids(tok):
 
 
 @pytest.mark.parity
-def test_fixture_tokens(tok, ref_dir):
-    from safetensors.torch import load_file
-
-    manifest = json.loads((ref_dir / "manifest.json").read_text())
-    expected = load_file(str(ref_dir / "inputs.safetensors"))["text_tokens"]
-    got = tok([manifest["inputs"]["text"]])
-    assert torch.equal(got, expected)
-    assert torch.equal(tok(manifest["inputs"]["text_lowercased"]), expected)
+def test_fixture_tokens(tok, ref):
+    expected = ref.inputs["text_tokens"]
+    assert torch.equal(tok([ref.text]), expected)
+    assert torch.equal(tok(ref.manifest["inputs"]["text_lowercased"]), expected)
+    # every run's own text (the reference lower-cases it) gives the same ids as the inputs' prompt when it is that prompt
+    for run in ref.runs():
+        if run.get("text", "").lower() == ref.text.lower():
+            assert torch.equal(tok(run["text"]), expected), run["file"]
 
 
 def test_lowercases_and_batches(tok):
