@@ -1,9 +1,10 @@
 """ComfyUI adapters: host types in, ``collab_core`` calls, host types out.
 
 One module per feature (``nodes_loaders``, ``nodes_conditioning``, ``nodes_collaborative``, ``nodes_freeu``,
-``nodes_editing``), each listing its V3 node classes in ``NODES``; ``schema`` is the one module that imports the
-host's node API, ``adapters`` holds the host-free pure functions they share. The node modules import ComfyUI,
-so they are only imported when ComfyUI is present; ``adapters`` imports anywhere.
+``nodes_editing``, ``nodes_face``), each listing its V3 node classes in ``NODES``; ``schema`` is the one module that imports the
+host's node API. The host-free helpers the nodes share sit in modules named for their job (``errors``, ``labels``,
+``branches``, ``conditioning``, ``freeu``) and import anywhere (``tests/test_nodes_pure.py``); the node modules
+import ComfyUI, so they are only imported when ComfyUI is present.
 """
 
 import importlib
@@ -12,7 +13,8 @@ import logging
 
 #: Feature modules, in menu order. The first four are the pack's core; a later one that fails to import is
 #: logged with its traceback and skipped, so the others still register.
-FEATURES = ("nodes_loaders", "nodes_conditioning", "nodes_collaborative", "nodes_freeu", "nodes_editing")
+FEATURES = ("nodes_loaders", "nodes_conditioning", "nodes_collaborative", "nodes_freeu", "nodes_editing",
+            "nodes_face")
 _CORE = 4
 
 

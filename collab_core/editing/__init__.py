@@ -9,6 +9,14 @@ sampled collaboratively::
     mask = run_imagic(pipe, "mask", z0, pipe.encode({"mask": "edited_mask.png"})["mask"], work_dir="w/m")
     result = collaborative_edit(pipe, {"text": text, "mask": mask}, alpha={"text": 0.9, "mask": 1.0})
 
+A photo of any size, parsed, painted and pasted back at full resolution::
+
+    from collab_core.editing import edit_photo
+    from collab_core.face_parsing import FaceParser
+    result = edit_photo(pipe, "phone.jpg", paint=[("hair", "strokes.png")], parser=FaceParser.from_folder("parser"),
+                        text="She has long hair.")
+    result.image  # uint8 (H, W, 3) at the photo's size; outside the edited region the photo's own pixels
+
 The fast edit without fine-tuning (DDIM inversion under the collaborative model, resampling)::
 
     from collab_core.editing import edit_by_inversion
@@ -28,6 +36,7 @@ _EXPORTS = {
     "inputs": ("changed_labels", "check_sizes", "edit_region", "encode_image", "load_image", "load_region",
                "native_image_size"),
     "inversion": ("Inversion", "ddim_invert", "invert_step", "sample_from_inversion", "steps_for_strength"),
+    "photo": ("PhotoEdit", "PhotoPlan", "edit_photo", "prepare_photo"),
     "metrics": ("colour_agreement", "edit_report", "label_agreement", "psnr", "ssim"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

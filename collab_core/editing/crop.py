@@ -34,7 +34,7 @@ from ..validation import integer, number
 from .inputs import load_region
 
 __all__ = ["Box", "class_index", "crop_box_from", "crop_to_model", "paint_region", "paste_back", "paste_alpha",
-           "region_in_photo"]
+           "region_in_photo", "grow_region"]
 
 Box = tuple[int, int, int, int]
 
@@ -266,6 +266,13 @@ def _grow(mask: torch.Tensor, px: int) -> torch.Tensor:
         else:
             m = (F.conv2d(m, cross, padding=1) > 0).float()
     return m[0, 0] > 0.5
+
+
+def grow_region(region: Any, px: int) -> np.ndarray:
+    """A bool map widened by ``px`` pixels (a near-round octagon, as painting's ``grow``)."""
+    px = integer("grow", px, minimum=0, maximum=256, fix="pixels to widen the region by")
+    m = torch.from_numpy(np.ascontiguousarray(load_region(region)))
+    return (_grow(m, px) if px else m).numpy()
 
 
 def _smooth(mask: torch.Tensor, sigma: float) -> torch.Tensor:
