@@ -63,6 +63,7 @@ def painted_photo(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def quality(args) -> dict:
+    # Over 60 lines: a benchmark: one linear run of measurements (see the module's docstring).
     from collab_core.images import to_uint8
     from collab_core.models import load_pipeline
     from collab_core.editing import edit as E
@@ -181,6 +182,7 @@ def synthetic_edits(index: int, size: int, seed: int = 0) -> list[dict]:
 
 
 def synthetic(args) -> dict:
+    # Over 60 lines: a benchmark: one linear run of measurements (see the module's docstring).
     from collab_core.images import to_uint8
     from collab_core.models import load_pipeline
     from collab_core.editing import edit as E

@@ -199,6 +199,7 @@ def generate_row(pipe, names, influence, captions, labels, steps, batch, seed, k
 
 
 def main(argv=None) -> int:
+    # Over 60 lines: a benchmark script: one linear run of measurements after its options.
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=None, help="model folder (default: the shipped demo bundle)")
     ap.add_argument("--n", type=int, default=200, help="held-out (mask, caption) pairs (default 200)")
@@ -290,6 +291,7 @@ def _fmt(e: dict, k: str) -> str:
 
 
 def write_markdown(path: Path, s: dict) -> None:
+    # Over 60 lines: the report's text, line by line.
     lines = [
         "# Method table: collaborative vs. uni-modal and fixed blends (demo bundle)",
         "",

@@ -142,6 +142,7 @@ def peak_memory(device) -> str:
 
 def run_one(args, dtype: torch.dtype, emit=print) -> dict:
     """Time one dtype: the four bare forwards, the collaborative step, the VAE decode; returns the numbers."""
+    # Over 60 lines: a benchmark: one linear run of timings whose numbers all go into one table.
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

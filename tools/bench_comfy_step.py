@@ -61,6 +61,7 @@ def random_unet_sd(arch: dict, out_channels: int, heads: int, seed: int):
 
 
 def main(argv=None) -> int:
+    # Over 60 lines: a tool script: options, then one linear run.
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH"))
     ap.add_argument("--size", choices=("official", "tiny"), default="official")

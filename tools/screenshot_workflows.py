@@ -333,6 +333,7 @@ def fixture_models(reference: Path) -> Path:
 
 
 def main(argv=None) -> int:
+    # Over 60 lines: a tool script: options, then one server and browser session driven step by step.
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout ($COMFYUI_PATH)")
     ap.add_argument("--python", default=sys.executable, help="Python of ComfyUI's environment")

@@ -22,6 +22,7 @@ METHODS = ("imagic", "inversion")
 
 
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    # Over 60 lines: the command's options, declared flat in one place so the help reads in order (no logic).
     g = p.add_argument_group("edit")
     g.add_argument("--image", type=Path, required=True,
                    help="the photo to edit (RGB, any size: the face is cropped, edited at the model's size and pasted "
