@@ -157,3 +157,16 @@ def test_cli_edit_photo_errors_write_nothing(photo, tmp_path, capsys, args, mess
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_api_imagic_edit_of_a_photo_of_another_size(photo, parser, demo_pipe, tmp_path):
+    from collab_core.editing.imagic import ImagicConfig
+
+    d, img, lab = photo
+    cfg = ImagicConfig(stage1_iters=2, stage2_iters=2, checkpoint_every=0)
+    result = edit_photo(demo_pipe, img, paint=[("hair", d / "strokes.png")], parser=parser, method="imagic",
+                        imagic={"config": cfg, "steps": 4, "work_dir": tmp_path / "work"})
+    assert result.image.shape == img.shape
+    allowed = result.region_in_photo()
+    assert allowed.any() and (result.image[~allowed] == img[~allowed]).all()
+    assert (tmp_path / "work" / "mask_edit").is_dir()
