@@ -175,7 +175,6 @@ def run_one(args, dtype: torch.dtype, emit=print) -> dict:
         xn = xn.contiguous(memory_format=torch.channels_last)
     out = {"dtype": str(dtype).split(".")[-1]}
     with torch.inference_mode():
-        pipe.step(x, t, ctx)  # warm-up (allocator, kernels)
         bare = {}
         for name, net in nets.items():
             c = ctx[name.split("_")[0]]

@@ -233,19 +233,25 @@ def crop_spec(name: str, value: Any) -> str:
                      "size) or x,y,w,h in pixels (four whole numbers, e.g. 120,80,512,512)")
 
 
-def paint_item(name: str, value: Any) -> str:
-    """``CLASS=REGION.png`` with a readable picture; the class name is checked against the 19 classes."""
+def split_paint_item(name: str, value: Any) -> tuple[str, str]:
+    """``CLASS=REGION.png`` (``--paint``) → (class, path), both stripped; a malformed item is refused."""
     cls, sep, path = str(value).partition("=")
     if not sep or not cls.strip() or not path.strip():
         raise InputError(f"{name} {value!r}: write CLASS=REGION.png, e.g. {name} hair=strokes.png (white pixels of "
                          "REGION.png, at the photo's size, take the class)")
+    return cls.strip(), path.strip()
+
+
+def paint_item(name: str, value: Any) -> str:
+    """``CLASS=REGION.png`` with a readable picture; the class name is checked against the 19 classes."""
+    cls, path = split_paint_item(name, value)
     from .face_parsing import canonical_class
     from .masks import CLASS_NAMES
 
-    if canonical_class(cls.strip()) is None:
-        raise InputError(f"{name} {value!r}: {cls.strip()!r} is not one of the 19 face classes; use one of: "
+    if canonical_class(cls) is None:
+        raise InputError(f"{name} {value!r}: {cls!r} is not one of the 19 face classes; use one of: "
                          f"{', '.join(CLASS_NAMES)}")
-    picture_file(f"{name} {cls.strip()}", path.strip())
+    picture_file(f"{name} {cls}", path)
     return str(value)
 
 

@@ -248,8 +248,9 @@ class CollabFacePasteBack(CollabNode):
                     io.Image.Input("edited", tooltip="The edited crop (VAE Decode)."),
                     FaceCropType.Input("crop", tooltip="Face Crop's 'crop' output."),
                     io.Int.Input("grow", default=8, min=0, max=256,
-                                 tooltip="Widen the region by N pixels of the crop (the edit reaches a little past "
-                                         "the changed classes: Resample From Inversion grows them by latent pixels)."),
+                                 tooltip="Widen the region by N pixels of its own size (the edit reaches a little "
+                                         "past the changed classes: Resample From Inversion grows them by latent "
+                                         "pixels)."),
                     io.Int.Input("seam", default=8, min=0, max=256,
                                  tooltip="Pixels over which the edit fades in at the region's border (0 = hard)."),
                     io.Mask.Input("region", optional=True,
@@ -271,9 +272,7 @@ class CollabFacePasteBack(CollabNode):
         if region is None:
             reg = np.ones(ed.shape[:2], dtype=bool)
         else:
-            reg = (region[0] if region.dim() == 3 else region).cpu().numpy() > 0.5
-            if grow and reg.shape == ed.shape[:2]:
-                reg = grow_region(reg, int(grow))
+            reg = grow_region((region[0] if region.dim() == 3 else region).cpu().numpy() > 0.5, int(grow))
         out = paste_back(photo.cpu().numpy()[0], ed, crop.box, reg, int(seam))
         return (_image_out(out),)
 

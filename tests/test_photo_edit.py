@@ -71,6 +71,15 @@ def test_prepare_parses_paints_and_crops(photo, parser):
     assert plan.changed.sum() > 0
 
 
+def test_crop_none_edits_the_photo_as_it_is(photo):
+    d, img, lab = photo
+    target = lab.copy()
+    target[fringe_strokes(lab) > 0] = HAIR
+    plan = prepare_photo(img, 64, source_mask=lab, target_mask=target, crop="none")
+    assert plan.box is None and plan.crop.shape == img.shape and (plan.crop == img).all()
+    assert (plan.crop_target == target).all() and plan.crop_changed.sum() == plan.changed.sum() > 0
+
+
 def test_prepare_errors_before_any_work(photo, parser, tmp_path):
     d, img, lab = photo
     with pytest.raises(InputError, match="not one of the 19 face classes"):

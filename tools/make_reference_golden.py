@@ -524,7 +524,8 @@ def sha256_file(p: Path) -> str:
 
 
 def main(argv=None):
-    # Over 60 lines: one linear recipe in the manifest's order (configs, weights, inputs, runs, manifest); every section uses the reference modules, configs and weights the earlier ones built.
+    # Over 60 lines: one linear recipe in the manifest's order (configs, weights, inputs, runs, manifest); every section
+    # uses the reference modules, configs and weights the earlier ones built.
     args = parse_args(argv)
     t_start = time.time()
     ref_dir = Path(args.reference_code).resolve()

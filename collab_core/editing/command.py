@@ -162,13 +162,11 @@ def _fmt(alpha: float) -> str:
     return str(round(alpha, 3))
 
 
-def _parser_for(args, pipe):
-    """The face parser that parses the photo when no --source-mask is given: --parser, or with the demo models
-    the bundled demo parser (trained on the same synthetic faces); None otherwise (a real photo needs a real one)."""
+def _demo_parser_for(args, pipe):
+    """Without --parser and --source-mask, the demo models' photo is parsed by the bundled demo parser (trained on
+    the same synthetic faces); None otherwise (a real photo needs a real parser)."""
     from ..face_parsing import FaceParser, demo_parser_dir
 
-    if args.parser is not None:
-        return FaceParser.from_folder(args.parser)
     if args.source_mask is None and getattr(pipe, "is_demo", False) and demo_parser_dir() is not None:
         print("parsing the photo with the bundled demo face parser (synthetic faces, like the demo models)",
               file=sys.stderr)
@@ -178,9 +176,9 @@ def _parser_for(args, pipe):
 
 def _check_edit_inputs(args) -> list[tuple[str, str]]:
     """What can be checked before any model loads: option combinations and the --paint items."""
-    from .photo import parse_paint_option
+    from ..validation import split_paint_item
 
-    paint = [parse_paint_option(p) for p in args.paint]
+    paint = [split_paint_item("--paint", p) for p in args.paint]
     if args.text is None and args.mask is None and not paint:
         raise ConditioningError("nothing to edit toward: give a target --mask, --paint CLASS=REGION.png and/or --text")
     if args.source_mask is not None and args.mask is None and not paint:
@@ -193,7 +191,7 @@ def run_edit(args, load_pipeline, device, dtype, influence) -> int:
     """Read and check the inputs, load the models, prepare the photo (parse, paint, crop), edit the crop with the
     chosen method, paste it back at the photo's resolution, write the pictures, settings and metrics."""
     from .inputs import native_image_size
-    from .photo import prepare_photo
+    from .photo import PhotoEdit, prepare_photo
 
     started = time.perf_counter()
     paint = _check_edit_inputs(args)
@@ -203,7 +201,8 @@ def run_edit(args, load_pipeline, device, dtype, influence) -> int:
         parser = FaceParser.from_folder(args.parser)
     own_size = str(args.crop).strip().lower() == "none"
     pipe = load_pipeline(image_size=_photo_width(args.image) if own_size else None)
-    parser = parser or _parser_for(args, pipe)
+    if parser is None:
+        parser = _demo_parser_for(args, pipe)
     plan = prepare_photo(args.image, native_image_size(pipe), source_mask=args.source_mask, target_mask=args.mask,
                          paint=paint, parser=parser, crop=args.crop, margin=args.crop_margin, grow=args.paint_grow,
                          feather=args.paint_feather, mask_tolerance=args.mask_tolerance)
@@ -211,11 +210,7 @@ def run_edit(args, load_pipeline, device, dtype, influence) -> int:
     if crop.shape[0] != crop.shape[1] and args.method == "imagic":
         raise ConditioningError(f"--method imagic samples square pictures; the photo is {crop.shape[1]}×"
                                 f"{crop.shape[0]}: use --crop auto or a square --crop x,y,w,h")
-    target = {}
-    if args.text is not None and "text" in pipe.names:
-        target["text"] = args.text
-    if plan.target_labels is not None and "mask" in pipe.names:
-        target["mask"] = plan.crop_target
+    target = plan.target_conditions(pipe.names, args.text)
     if not target:
         raise ConditioningError(f"the loaded branches ({', '.join(pipe.names)}) take none of the given conditions")
     out: Path = args.out
@@ -226,10 +221,11 @@ def run_edit(args, load_pipeline, device, dtype, influence) -> int:
                 "source_text": args.source_text, "branches": pipe.names, "steps": args.steps, "eta": eta,
                 "seed": args.seed, "device": str(device), "dtype": str(dtype).split(".")[-1], **plan.settings()}
     run = _run_inversion if args.method == "inversion" else _run_imagic
-    final, region_px, vae_u8, written = run(args, pipe, plan, target, eta, influence, settings)
-    written += _write_photo(args, plan, final, region_px, out, settings)
+    final, paste_region, region_px, vae_u8, written = run(args, pipe, plan, target, eta, influence, settings)
+    edited = PhotoEdit(image=plan.paste(final, paste_region, args.seam), plan=plan, edit=None, region=paste_region)
+    written += _write_photo(args, edited, out, settings)
     if not args.no_metrics:
-        written += _write_metrics(args, plan, final, region_px, vae_u8, parser, out, started)
+        written += _write_metrics(plan, final, edited, region_px, vae_u8, parser, out, started)
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     written.append(out / "settings.json")
     print(f"edited {args.image} with --method {args.method} ({', '.join(sorted(target))}) in "
@@ -240,18 +236,12 @@ def run_edit(args, load_pipeline, device, dtype, influence) -> int:
 
 
 def _photo_width(path) -> int:
-    from ..face_parsing import read_picture
+    """The photo's width from its header (the photo itself is read once, by prepare_photo; --image was checked to
+    be a readable picture before any work)."""
+    from PIL import Image
 
-    return int(read_picture(path).shape[1])
-
-
-def _source_conditions(args, plan, target) -> dict:
-    source = {}
-    if "mask" in target and plan.source_labels is not None:
-        source["mask"] = plan.crop_source
-    if args.source_text is not None and "text" in target:
-        source["text"] = args.source_text
-    return source
+    with Image.open(path) as img:
+        return int(img.size[0])
 
 
 def _run_inversion(args, pipe, plan, target, eta, influence, settings):
@@ -270,7 +260,7 @@ def _run_inversion(args, pipe, plan, target, eta, influence, settings):
         if plan.box is not None:  # drawn on the photo: cut like the photo
             region = plan.cut(region.astype(np.int64)).astype(bool)
     result = E.edit_by_inversion(
-        pipe, plan.crop, target, _source_conditions(args, plan, target), steps=args.steps, strength=args.strength,
+        pipe, plan.crop, target, plan.source_conditions(target, args.source_text), steps=args.steps, strength=args.strength,
         refine=args.refine, correct=not args.no_correct, preserve=args.preserve == "auto", region=region,
         grow=args.grow, feather=args.feather, inside=args.inside, eta=eta, seed=args.seed, posterior=args.posterior,
         influence=influence, reconstruct=args.reconstruct, progress=sys.stderr.isatty())
@@ -288,7 +278,7 @@ def _run_inversion(args, pipe, plan, target, eta, influence, settings):
         settings["reconstruction_max_abs_error"] = err
         written.append(_save_png(to_uint8(pipe.decode(result.reconstruction))[0], out / "inversion_reconstruction.png"))
         print(f"reconstruction with the source conditions: max |z - z0| = {err:.3g}")
-    return result.images[0], region_px, vae_u8, written
+    return result.images[0], region_px, region_px, vae_u8, written
 
 
 def _run_imagic(args, pipe, plan, target, eta, influence, settings):
@@ -334,10 +324,9 @@ def _run_imagic(args, pipe, plan, target, eta, influence, settings):
     result = E.collaborative_edit(pipe, edits, alphas, conditions=others, seed=args.sample_seed, steps=args.steps,
                                   eta=eta, batch=args.batch, influence=influence, progress=progress)
     written += result.save(out, influence=True)
-    changed = plan.crop_source != plan.crop_target if plan.crop_source is not None and plan.crop_target is not None \
-        else None
-    region_px = changed.astype("float32") if changed is not None else None
-    return result.images[0], region_px, vae_u8, written
+    # Pasted: what Imagic may change (plan.imagic_region); measured: the fidelity outside the changed classes.
+    changed = plan.crop_changed.astype("float32") if plan.crop_changed is not None else None
+    return result.images[0], plan.imagic_region(target), changed, vae_u8, written
 
 
 def _imagic_branches(args, pipe, target) -> list[str]:
@@ -382,15 +371,16 @@ def _imagic_stages(args, pipe, name, z0, context, cfg, eta, sweep, folder: Path,
     return e, written
 
 
-def _write_photo(args, plan, final, region_px, out: Path, settings) -> list[Path]:
+def _write_photo(args, edited, out: Path, settings) -> list[Path]:
     """The edit at the photo's resolution (a crop is always pasted back; an uncropped edit with --paste-back),
     and the masks it used."""
     from ..masks import colorize_labels
 
+    plan = edited.plan
     written = []
     if plan.box is not None or args.paste_back:
         name = "edited_photo.png" if plan.box is not None else "000000_x_0_pasted.png"
-        written.append(_save_png(plan.paste(final, region_px, args.seam), out / name))
+        written.append(_save_png(edited.image, out / name))
         settings["seam_px"] = args.seam
     if plan.parsed:
         written.append(_save_png(colorize_labels(plan.source_labels), out / "source_mask_parsed.png"))
@@ -399,27 +389,18 @@ def _write_photo(args, plan, final, region_px, out: Path, settings) -> list[Path
     return written
 
 
-def _write_metrics(args, plan, final, region_px, vae_u8, parser, out: Path, started) -> list[Path]:
+def _write_metrics(plan, final, edited, region_px, vae_u8, parser, out: Path, started) -> list[Path]:
     """metrics.json: fidelity and mask agreement of the model-size edit; for a crop also the full-resolution check
     (pixels changed outside the edited region) and, with a parser, the class agreement inside the changed region."""
-    import numpy as np
-
-    from .crop import region_in_photo
     from .metrics import edit_report, label_agreement
 
-    changed = plan.crop_source != plan.crop_target if plan.crop_source is not None and plan.crop_target is not None \
-        else None
-    report = edit_report(plan.crop, final, region_px, plan.crop_source, plan.crop_target if changed is not None else
-                         None, reference=vae_u8)
+    report = edit_report(plan.crop, final, region_px, plan.crop_source,
+                         plan.crop_target if plan.crop_changed is not None else None, reference=vae_u8)
     if plan.box is not None:
-        photo_edit = plan.paste(final, region_px, args.seam)
-        box = plan.box
-        allowed = region_in_photo(region_px if region_px is not None else np.ones(final.shape[:2], bool), box,
-                                  plan.photo.shape[:2], final.shape[:2])
-        report["photo_changed_outside_region_pixels"] = int(((photo_edit != plan.photo).any(-1) & ~allowed).sum())
+        report["photo_changed_outside_region_pixels"] = edited.changed_outside()
         if parser is not None and plan.changed is not None and plan.changed.any():
             report["photo_label_agreement_in_changed_region"] = label_agreement(
-                parser.parse(photo_edit), plan.target_labels, plan.changed)
+                parser.parse(edited.image), plan.target_labels, plan.changed)
             report["photo_label_agreement_before_edit"] = label_agreement(
                 plan.source_labels, plan.target_labels, plan.changed)
     report["seconds"] = round(time.perf_counter() - started, 2)

@@ -187,7 +187,8 @@ def edit_by_inversion(pipe: CollaborativePipeline, image: Any, target: Mapping[s
     control how exact the inversion is (see :mod:`collab_core.editing.inversion`). ``posterior="sample"`` encodes the
     photo like the reference (a posterior sample seeded with ``seed``) instead of the posterior mean.
     """
-    # Over 60 lines: one sequence of steps (check, encode, choose the region, invert, resample), read top to bottom; a third is the checks' messages.
+    # Over 60 lines: one sequence of steps (check, encode, choose the region, invert, resample), read top to bottom; a
+    # third is the checks' messages.
     if inside not in ("inverted", "noise"):
         raise ConfigError(f"inside must be 'inverted' or 'noise', got {inside!r}")
     if posterior not in ("mean", "sample"):

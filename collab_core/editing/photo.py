@@ -17,6 +17,7 @@ two, host-free, for the command line and the Python API (the ComfyUI nodes do th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -27,7 +28,7 @@ from ..validation import integer, number
 from .crop import Box, class_index, crop_box_from, crop_to_model, paint_region, paste_back, region_in_photo
 from .inputs import changed_labels, load_image, load_labels, load_region
 
-__all__ = ["PhotoPlan", "PhotoEdit", "prepare_photo", "edit_photo", "parse_paint_option"]
+__all__ = ["PhotoPlan", "PhotoEdit", "prepare_photo", "edit_photo"]
 
 #: How far the seam fades in, in pixels of the photo (inside the edited region).
 SEAM_PX = 8
@@ -53,25 +54,58 @@ class PhotoPlan:
             return picture
         return crop_to_model(picture, self.box, self.size)
 
-    @property
+    # Cut once: the edit, the paste-back and the metrics all read them.
+    @cached_property
     def crop(self) -> np.ndarray:
-        """The picture the model edits: uint8 (size, size, 3)."""
+        """The picture the model edits: uint8 (size, size, 3); the photo itself without a box."""
         return self.cut(self.photo)
 
-    @property
+    @cached_property
     def crop_source(self) -> Optional[np.ndarray]:
         return self.cut(self.source_labels)
 
-    @property
+    @cached_property
     def crop_target(self) -> Optional[np.ndarray]:
         return self.cut(self.target_labels)
 
-    @property
+    @cached_property
     def changed(self) -> Optional[np.ndarray]:
         """bool (H, W): where the target mask differs from the photo's own (None without both)."""
         if self.source_labels is None or self.target_labels is None:
             return None
         return changed_labels(self.source_labels, self.target_labels)
+
+    @cached_property
+    def crop_changed(self) -> Optional[np.ndarray]:
+        """bool: :attr:`changed` in the crop the model edits (None without both masks)."""
+        if self.crop_source is None or self.crop_target is None:
+            return None
+        return changed_labels(self.crop_source, self.crop_target)
+
+    def target_conditions(self, names: Sequence[str], text: Optional[str]) -> dict:
+        """The edit's target conditions for the branches ``names``: the caption and the cut target mask."""
+        target = {}
+        if text is not None and "text" in names:
+            target["text"] = text
+        if self.target_labels is not None and "mask" in names:
+            target["mask"] = self.crop_target
+        return target
+
+    def source_conditions(self, target: Mapping[str, Any], source_text: Optional[str]) -> dict:
+        """The photo's own conditions for the branches that have a target: its cut mask and its caption."""
+        source = {}
+        if "mask" in target and self.source_labels is not None:
+            source["mask"] = self.crop_source
+        if source_text is not None and "text" in target:
+            source["text"] = source_text
+        return source
+
+    def imagic_region(self, target: Mapping[str, Any]) -> Optional[np.ndarray]:
+        """What an Imagic edit may change in the crop. Imagic regenerates the whole crop, so a mask-only edit pastes
+        in only the changed classes; with a new caption (or without both masks) the whole box (None)."""
+        if self.crop_changed is None or "text" in target:
+            return None
+        return self.crop_changed.astype(np.float32)
 
     def paste(self, edited: np.ndarray, region: Optional[np.ndarray], seam_px: int = SEAM_PX) -> np.ndarray:
         """The edited crop (uint8, model size) back in the photo at full resolution; ``region`` (white = edited;
@@ -85,15 +119,6 @@ class PhotoPlan:
         return {"photo_size": [int(self.photo.shape[1]), int(self.photo.shape[0])], "model_size": self.size,
                 "crop_box": list(self.box) if self.box is not None else None, "source_mask_parsed": self.parsed,
                 "painted": [name for name, _ in self.painted]}
-
-
-def parse_paint_option(text: str) -> tuple[str, str]:
-    """``CLASS=REGION.png`` (the ``--paint`` option) → (class, path); the class is checked by :func:`paint_region`."""
-    name, sep, path = str(text).partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise InputError(f"--paint {text!r}: write CLASS=REGION.png, e.g. --paint hair=strokes.png (white pixels of "
-                         "REGION.png, at the photo's size, take the class)")
-    return name.strip(), path.strip()
 
 
 def _labels_at_photo_size(src: Any, what: str, photo: np.ndarray, tolerance: Optional[float]) -> np.ndarray:
@@ -115,8 +140,8 @@ def prepare_photo(photo: Any, size: int, *, source_mask: Any = None, target_mask
     target mask or painting needs one. ``paint``: ``(class, region)`` pairs painted in order onto the target mask
     (or onto the source mask when no target is given) — a region is a picture or array at the photo's size, white
     = painted, widened by ``grow`` px and smoothed by ``feather`` px. ``crop``: ``"auto"`` (the square around the
-    parsed face, ``margin`` of its size on each side), ``"x,y,w,h"``, ``"none"``, or None = ``"none"`` when the
-    photo already is ``size`` × ``size`` and ``"auto"`` otherwise.
+    parsed face, ``margin`` of its size on each side), ``"x,y,w,h"``, ``"none"`` (the photo edited as it is, at
+    its own size), or None = ``"none"`` when the photo already is ``size`` × ``size`` and ``"auto"`` otherwise.
     """
     size = integer("size", size, minimum=8, maximum=4096, fix="the model's picture size, e.g. 512")
     number("margin", margin, minimum=0, maximum=10, fix="a fraction of the face's size on each side, e.g. 0.2")
@@ -126,9 +151,6 @@ def prepare_photo(photo: Any, size: int, *, source_mask: Any = None, target_mask
     H, W = rgb.shape[:2]
     crop_arg = crop if crop is not None else ("none" if (H, W) == (size, size) else "auto")
     no_crop = isinstance(crop_arg, str) and crop_arg.strip().lower() == "none"
-    if no_crop and (H, W) != (size, size):
-        raise InputError(f"crop = 'none' but the photo is {W}×{H} and the model edits {size}×{size}; use --crop auto "
-                         "(the face found by the parser) or --crop x,y,w,h")
     # Cheap checks first, so a typo in a class name or a missing file is reported before the parser runs.
     strokes = []
     for name, region in paint:
@@ -209,11 +231,7 @@ def edit_photo(pipe, photo: Any, *, text: Optional[str] = None, source_text: Opt
     plan = prepare_photo(photo, size, source_mask=source_mask, target_mask=target_mask, paint=paint, parser=parser,
                          crop=crop, margin=margin, grow=paint_grow, feather=paint_feather,
                          mask_tolerance=mask_tolerance)
-    target = {}
-    if text is not None and "text" in pipe.names:
-        target["text"] = text
-    if plan.target_labels is not None and "mask" in pipe.names:
-        target["mask"] = plan.crop_target
+    target = plan.target_conditions(pipe.names, text)
     if not target:
         raise ConditioningError(f"nothing to edit toward: give a caption and/or a target mask or painted classes "
                                 f"(the loaded branches are {', '.join(pipe.names)})")
@@ -227,12 +245,8 @@ def edit_photo(pipe, photo: Any, *, text: Optional[str] = None, source_text: Opt
 def _inversion_edit(pipe, plan: PhotoPlan, target: dict, source_text, progress, options):
     from .edit import edit_by_inversion
 
-    source = {}
-    if "mask" in target and plan.source_labels is not None:
-        source["mask"] = plan.crop_source
-    if source_text is not None and "text" in target:
-        source["text"] = source_text
-    result = edit_by_inversion(pipe, plan.crop, target, source, progress=progress, **options)
+    result = edit_by_inversion(pipe, plan.crop, target, plan.source_conditions(target, source_text),
+                               progress=progress, **options)
     return result, result.region_pixels()
 
 
@@ -251,8 +265,4 @@ def _imagic_edit(pipe, plan: PhotoPlan, target: dict, opts: dict, progress):
              for name in target}
     result = collaborative_edit(pipe, edits, opts.get("alpha", 1.0), seed=int(opts.get("sample_seed", 2)),
                                 steps=steps, eta=eta, progress=progress)
-    changed = (changed_labels(plan.crop_source, plan.crop_target)
-               if plan.crop_source is not None and plan.crop_target is not None else None)
-    # Imagic regenerates the whole crop; with a mask edit only the changed classes are pasted in.
-    region = changed.astype(np.float32) if changed is not None and "text" not in target else None
-    return result, region
+    return result, plan.imagic_region(target)

@@ -115,7 +115,8 @@ def train_demo_parser(out_dir, steps: int = 2500, size: int = 128, seed: int = 0
     upsampled to ``size``, each class weighted by (its pixel share)^-``balance`` (0 = plain; 0.5 lifts the small
     eyes, brows and lips); ``init`` starts from an earlier run's folder. ``max_seconds`` stops early (the steps done are recorded). Returns the record that is
     also written as ``training.json`` beside the weights."""
-    # Over 60 lines: the demo parser's whole recipe (data, model, optimiser, loop, export, evaluation) in the order it runs, so the recipe in training.json matches one place.
+    # Over 60 lines: the demo parser's whole recipe (data, model, optimiser, loop, export, evaluation) in the order it
+    # runs, so the recipe in training.json matches one place.
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 11])

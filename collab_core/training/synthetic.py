@@ -107,7 +107,8 @@ def _draw_params(rng: np.random.Generator) -> tuple[dict[str, float], dict[str, 
 
 def _paint_labels(g: dict, size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Class index per pixel centre on a size×size grid, plus coordinates the colouring reuses."""
-    # Over 60 lines: one face drawn layer by layer (background to accessories); each layer is a few lines of geometry on the same grid.
+    # Over 60 lines: one face drawn layer by layer (background to accessories); each layer is a few lines of geometry on
+    # the same grid.
     coords = (np.arange(size) + 0.5) / size
     v, u = np.meshgrid(coords, coords, indexing="ij")
     cx, cy, a, b = g["cx"], g["cy"], g["a"], g["b"]

@@ -479,7 +479,8 @@ def train_diffusers(train_set: ImageConditionSet, val_set: ImageConditionSet, br
     ``branches`` are in fusion (softmax channel) order. Writes ``<name>_codiff_<m1>_<m2>….safetensors`` holding the
     diffusers **and** the frozen UNets, encoders and VAE (the official collaborative layout), plus YAML configs.
     """
-    # Over 60 lines: its loss and validation closures share the frozen branches, latents and condition columns; split, they would pass eight arguments around.
+    # Over 60 lines: its loss and validation closures share the frozen branches, latents and condition columns; split,
+    # they would pass eight arguments around.
     out_dir = Path(out_dir)
     names = _check_fusable(branches)
     columns = {b.name: column_for(b.name, b.kind, train_set, fields) for b in branches}
