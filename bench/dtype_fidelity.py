@@ -1,5 +1,8 @@
 """How much do reduced-precision networks change the result? Each dtype against float32, same weights, same seeds.
 
+The baseline is float32 with torch's SDPA attention; the rows are float32 with the pack's tiny-head attention kernel
+(where it runs: its own effect) and each reduced dtype as the pipeline runs it (with the kernel where it runs).
+
     python bench/dtype_fidelity.py                         # bfloat16 vs float32 (float16 too where the device has it)
     python bench/dtype_fidelity.py --dtypes bfloat16 --n 200 --pairs 32 --out docs/precision.json
 
@@ -37,6 +40,7 @@ from collab_core.pipeline import Branch, CollaborativePipeline  # noqa: E402
 from collab_core.precision import cpu_has_native_fp16, dtype_name, resolve_dtype  # noqa: E402
 
 import method_table as mt  # noqa: E402
+from collab_core.tiny_attention import unavailable_reason, use_tiny_head_attention  # noqa: E402
 from step_time import _Encoder, random_network  # noqa: E402
 
 
@@ -67,17 +71,33 @@ def _name_keys(errs: dict, names) -> dict:
     return ren
 
 
+def variants(dtypes) -> list[tuple[str, torch.dtype, str]]:
+    """(row name, dtype, attention) of each row measured against the baseline, float32 with torch's SDPA: float32
+    with the tiny-head kernel where it runs (the kernel's own effect), then each reduced dtype as the pipeline runs it
+    (the kernel where it runs, SDPA elsewhere)."""
+    rows = [("float32+kernel", torch.float32, "auto")] if unavailable_reason(torch.float32) is None else []
+    return rows + [(dtype_name(dt), dt, "auto") for dt in dtypes]
+
+
 def official_shapes(dtypes, device, timesteps=(981, 501, 21), log=print) -> dict:
-    """One collaborative step of the official 512 architecture per timestep, each dtype vs float32."""
-    nets32 = {"mask_unet": random_network("unet", device, torch.float32, 1),
-              "text_unet": random_network("unet", device, torch.float32, 2),
-              "mask_diffuser": random_network("diffuser", device, torch.float32, 3),
-              "text_diffuser": random_network("diffuser", device, torch.float32, 4)}
+    """One collaborative step of the official 512 architecture per timestep, each row of :func:`variants` vs
+    float32 with SDPA."""
+    import copy
+
+    nets32 = {"mask_unet": random_network("unet", device, torch.float32, 1, "sdpa"),
+              "text_unet": random_network("unet", device, torch.float32, 2, "sdpa"),
+              "mask_diffuser": random_network("diffuser", device, torch.float32, 3, "sdpa"),
+              "text_diffuser": random_network("diffuser", device, torch.float32, 4, "sdpa")}
 
     def pipe_of(nets):
         return CollaborativePipeline([Branch("mask", nets["mask_unet"], _Encoder(), nets["mask_diffuser"]),
                                       Branch("text", nets["text_unet"], _Encoder(), nets["text_diffuser"])],
                                      vae=None, scale_factor=0.141, influence=InfluenceConfig.reference())
+
+    def converted(net, dt, attention):
+        net = copy.deepcopy(net).to(dt)
+        use_tiny_head_attention(net, attention)
+        return net
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, 64, 64, generator=g).to(device)
@@ -86,26 +106,25 @@ def official_shapes(dtypes, device, timesteps=(981, 501, 21), log=print) -> dict
     results = {}
     with torch.inference_mode():
         base = {t: p32.step(x, torch.full((1,), t, device=device), ctx) for t in timesteps}
-        for dt in dtypes:
-            import copy
-
-            p = pipe_of({k: copy.deepcopy(v).to(dt) for k, v in nets32.items()})
+        for name, dt, attention in variants(dtypes):
+            p = pipe_of({k: converted(v, dt, attention) for k, v in nets32.items()})
             c = {k: v.to(dt) for k, v in ctx.items()}
             rows = {}
             for t in timesteps:
                 rows[t] = _name_keys(step_errors(p.step(x, torch.full((1,), t, device=device), c), base[t]), p.names)
-                log(f"  official 512, {dtype_name(dt)}, t={t}: " +
+                log(f"  official 512, {name}, t={t}: " +
                     ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[t].items()),
                     flush=True)
-            results[dtype_name(dt)] = rows
+            results[name] = rows
             del p
     return results
 
 
 def demo_pipes(dtypes, device):
-    pipes = {"float32": load_pipeline(device=device)}
-    for dt in dtypes:
-        pipes[dtype_name(dt)] = load_pipeline(device=device, dtype=dt)
+    """The baseline ``"float32"`` (SDPA) and one demo pipeline per row of :func:`variants`."""
+    pipes = {"float32": load_pipeline(device=device, attention="sdpa")}
+    for name, dt, attention in variants(dtypes):
+        pipes[name] = load_pipeline(device=device, dtype=dt, attention=attention)
     return pipes
 
 

@@ -9,7 +9,7 @@ Prints, measured in this one run:
     weights and inputs, the largest difference between the two fused predictions and our speed-up.
 
     python bench/step_time.py [--device cpu|cuda] [--batch 1] [--repeat 5] [--dtypes float32,bfloat16]
-                              [--channels-last] [--no-vae] [--reference DIR]
+                              [--channels-last] [--no-vae] [--attention auto|sdpa] [--reference DIR]
 
 With several --dtypes: a table of each dtype's step, floor and VAE decode, the speed-up over the first, the
 fused eps's relative error to the first and peak memory; the last line is ``bfloat16 vs float32: xN.NN per
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from collab_core.fusion import InfluenceConfig  # noqa: E402
 from collab_core.pipeline import Branch, CollaborativePipeline, unet_eps  # noqa: E402
+from collab_core.tiny_attention import ATTENTION_CHOICES, unavailable_reason, use_tiny_head_attention  # noqa: E402
 from collab_core.unet import official_unet_config, unet_state_dict_to_ldm  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
@@ -63,12 +64,21 @@ class _Encoder(torch.nn.Module):
         return tokens
 
 
-def random_network(kind: str, device, dtype, seed: int) -> UNet2DConditionModel:
+def random_network(kind: str, device, dtype, seed: int, attention: str = "auto") -> UNet2DConditionModel:
+    """The official architecture with random weights, its attention as the pipeline's (``build_unet``) gives it."""
     torch.manual_seed(seed)
     net = UNet2DConditionModel(**official_unet_config(kind).diffusers_kwargs()).to(device)
     if dtype != torch.float32:
         net = net.to(dtype)
+    use_tiny_head_attention(net, attention)
     return net.eval().requires_grad_(False)
+
+
+def attention_label(args, dtype, device) -> str:
+    if args.attention == "sdpa":
+        return "attention: SDPA (--attention sdpa)"
+    reason = unavailable_reason(dtype) if device.type == "cpu" else "not a CPU"
+    return "attention: tiny-head kernel" if reason is None else f"attention: SDPA ({reason})"
 
 
 def reference_step_fn(ref_dir: Path, nets: dict, x, t, ctx, device):
@@ -151,10 +161,10 @@ def run_one(args, dtype: torch.dtype, emit=print) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     nets = {
-        "mask_unet": random_network("unet", device, dtype, 1),
-        "text_unet": random_network("unet", device, dtype, 2),
-        "mask_diffuser": random_network("diffuser", device, dtype, 3),
-        "text_diffuser": random_network("diffuser", device, dtype, 4),
+        "mask_unet": random_network("unet", device, dtype, 1, args.attention),
+        "text_unet": random_network("unet", device, dtype, 2, args.attention),
+        "mask_diffuser": random_network("diffuser", device, dtype, 3, args.attention),
+        "text_diffuser": random_network("diffuser", device, dtype, 4, args.attention),
     }
     if args.channels_last:
         for net in nets.values():
@@ -184,7 +194,8 @@ def run_one(args, dtype: torch.dtype, emit=print) -> dict:
         out.update(bare=bare, floor=floor, step=step, eps=pipe.step(x, t, ctx).eps.float().cpu())
 
         emit(f"device {device}, dtype {out['dtype']}, batch {b}, threads {torch.get_num_threads()}, "
-             f"median of {args.repeat}" + (", channels-last" if args.channels_last else ""))
+             f"median of {args.repeat}" + (", channels-last" if args.channels_last else "")
+             + f", {attention_label(args, dtype, device)}")
         for name, s in bare.items():
             emit(f"  bare forward {name:14s} {s * 1000:9.1f} ms")
         emit(f"floor (sum of the four bare forwards) {floor * 1000:9.1f} ms")
@@ -205,10 +216,10 @@ def run_one(args, dtype: torch.dtype, emit=print) -> dict:
 
         if args.reference is not None and dtype == torch.float32:
             ours = out["eps"]
-            nets = {"mask_unet": random_network("unet", device, dtype, 1),
-                    "text_unet": random_network("unet", device, dtype, 2),
-                    "mask_diffuser": random_network("diffuser", device, dtype, 3),
-                    "text_diffuser": random_network("diffuser", device, dtype, 4)}
+            nets = {"mask_unet": random_network("unet", device, dtype, 1, args.attention),
+                    "text_unet": random_network("unet", device, dtype, 2, args.attention),
+                    "mask_diffuser": random_network("diffuser", device, dtype, 3, args.attention),
+                    "text_diffuser": random_network("diffuser", device, dtype, 4, args.attention)}
             gc.collect()
             label, ref_step = reference_step_fn(args.reference, nets, x, t, ctx, device)
             theirs = ref_step()
@@ -242,6 +253,9 @@ def main(argv=None):
                          "CPU, see docs/precision.md; off by default)")
     ap.add_argument("--no-vae", dest="vae", action="store_false", help="skip the VAE decode timing")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                    help="auto: the tiny-head CPU kernel where it runs, as the pipeline does; sdpa: torch's SDPA "
+                         "everywhere (the numbers before the kernel)")
     ap.add_argument("--reference", type=Path, default=None, help="checkout of the authors' repository (optional)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.dtypes.split(",") if n.strip()]

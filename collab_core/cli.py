@@ -34,6 +34,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="the networks' precision (default float32; sampling arithmetic stays float32). auto: bfloat16 "
                         "on GPUs and CPUs with native bf16, float16 on older GPUs, else float32 (docs/precision.md)")
     g.add_argument("--half", dest="dtype", action="store_const", const="float16", help="the same as --dtype float16")
+    g.add_argument("--attention", default="auto", choices=["auto", "sdpa"],
+                   help="auto (default): attention through the pack's kernel for narrow heads on an AVX-512 CPU, "
+                        "torch's SDPA elsewhere; sdpa: torch's SDPA always (docs/precision.md)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -165,7 +168,7 @@ def _load_pipeline(args, device, dtype, image_size):
 
     return load_pipeline(args.checkpoints, text_model=args.text_model, mask_model=args.mask_model, vae=args.vae,
                          diffuser=args.diffuser, configs=args.config, prefix=args.prefix, device=device, dtype=dtype,
-                         image_size=image_size, influence=_influence(args))
+                         image_size=image_size, influence=_influence(args), attention=args.attention)
 
 
 def _caption_and_mask(args, pipe, wanted):

@@ -275,9 +275,9 @@ def read_checkpoint_set(files: dict[str, Path]) -> tuple[LoadedParts, list[dict]
 
 
 def build_branches(parts: LoadedParts, cfg: OfficialConfig, *, device="cpu", dtype=torch.float32,
-                   use_diffusers: bool = True) -> list[Branch]:
+                   use_diffusers: bool = True, attention: str = "auto") -> list[Branch]:
     """One :class:`Branch` per uni-modal UNet in fusion order, with its encoder and (``use_diffusers``) its
-    dynamic diffuser."""
+    dynamic diffuser; ``attention`` as :func:`collab_core.unet.build_unet`'s."""
     names = _branch_order([m for m in parts.modalities if m in parts.unets] +
                           [m for m in parts.unets if m not in parts.modalities])
     if not names:
@@ -292,14 +292,14 @@ def build_branches(parts: LoadedParts, cfg: OfficialConfig, *, device="cpu", dty
     for name in names:
         heads = attention_heads(cfg, name, "unet", what="UNet")
         unet = build_unet(parts.unets[name], num_heads=heads.stated, head_channels=heads.head_channels, dtype=dtype,
-                          device=device)
+                          device=device, attention=attention)
         encoder = build_encoder(parts, name, parts.sources.get("unets:" + name, "its file"))[0].to(device)
         _check_context(name, "UNet", unet, encoder)
         diff = None
         if use_diffusers and name in parts.diffusers:
             heads = attention_heads(cfg, name, "diffuser", what="dynamic diffuser")
             diff = build_unet(parts.diffusers[name], num_heads=heads.stated, head_channels=heads.head_channels,
-                              dtype=dtype, device=device)
+                              dtype=dtype, device=device, attention=attention)
             _check_context(name, "dynamic diffuser", diff, encoder)
         branches.append(Branch(name=name, unet=unet, encoder=encoder, diffuser=diff))
     if len(branches) > 1 and use_diffusers and not all(b.diffuser is not None for b in branches):
@@ -327,7 +327,8 @@ def build_latent_space(parts: LoadedParts, cfg: OfficialConfig, latent_channels:
 def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, mask_model=None, vae=None,
                   diffuser=None, configs: Sequence[Path | str] = (), prefix: Optional[str] = None,
                   device="cpu", dtype=torch.float32, influence: Optional[InfluenceConfig] = None,
-                  image_size: Optional[int] = None, use_diffusers: bool = True) -> CollaborativePipeline:
+                  image_size: Optional[int] = None, use_diffusers: bool = True,
+                  attention: str = "auto") -> CollaborativePipeline:
     """Build a :class:`CollaborativePipeline` from official checkpoints (``.ckpt`` or ``.safetensors``).
 
     Which files: see :func:`locate_checkpoints` (given files over the ``checkpoints`` folder; else ./pretrained,
@@ -336,6 +337,8 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
     ``dtype``: the networks' type, a torch dtype or ``"float32"`` (default), ``"bfloat16"``, ``"float16"``,
     ``"auto"`` (:func:`collab_core.precision.resolve_dtype`; sampling arithmetic stays float32, docs/precision.md).
     ``influence``: the fusion (default: the bundle's recorded one, else the reference's).
+    ``attention``: ``"auto"`` (the tiny-head CPU kernel where it runs, :mod:`collab_core.tiny_attention`) or
+    ``"sdpa"`` (torch's SDPA only).
     """
     from .precision import resolve_dtype
 
@@ -344,7 +347,8 @@ def load_pipeline(checkpoints: Optional[Path | str] = None, *, text_model=None, 
                                                  diffuser=diffuser), prefix)
     parts, metas = read_checkpoint_set(found.files)
     cfg = resolve_config(list(found.files.values()), configs, metas)
-    branches = build_branches(parts, cfg, device=device, dtype=dtype, use_diffusers=use_diffusers)
+    branches = build_branches(parts, cfg, device=device, dtype=dtype, use_diffusers=use_diffusers,
+                              attention=attention)
     vae_model, scale, latent = build_latent_space(parts, cfg, branches[0].unet.config.in_channels, image_size,
                                                   device=device, dtype=dtype)
     bundle = demo_defaults(found.folder) if found.folder is not None else {}

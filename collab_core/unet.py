@@ -22,6 +22,7 @@ import torch
 from .errors import CheckpointError, ConfigError
 from .keytable import (KeyRule, KeyTable, child_indices, convert_with_table, diffusers_shapes, instantiate_converted,
                        ldm_shapes, sample_keys)
+from .tiny_attention import use_tiny_head_attention
 
 __all__ = [
     "DEFAULT_NUM_HEADS",
@@ -363,11 +364,16 @@ def build_unet(
     *,
     head_channels: int | None = None,
     config: UNetConfig | None = None,
+    attention: str = "auto",
 ):
     """A ready-to-run diffusers ``UNet2DConditionModel`` (eval mode, no gradients) from LDM weights.
 
     The model is created on the meta device and the checkpoint tensors are assigned into it, so
     no random initialisation runs and memory-mapped weights are not duplicated for float32/CPU.
+    ``attention``: ``"auto"`` gives its attention layers the tiny-head CPU kernel where it runs
+    (:mod:`collab_core.tiny_attention`), ``"sdpa"`` keeps torch's SDPA.
     """
     cfg = config or infer_unet_config(sd, num_heads, head_channels=head_channels)
-    return instantiate_converted("UNet2DConditionModel", cfg, convert_unet_state_dict(sd, cfg), dtype, device)
+    net = instantiate_converted("UNet2DConditionModel", cfg, convert_unet_state_dict(sd, cfg), dtype, device)
+    use_tiny_head_attention(net, attention)
+    return net
