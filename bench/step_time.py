@@ -239,6 +239,18 @@ def _child(args, name, queue):
     queue.put(res)
 
 
+def _result_of(proc, queue, name: str) -> dict:
+    """The child's numbers, or a clear stop when it died (its traceback is above) instead of waiting forever."""
+    import queue as queues
+
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except queues.Empty:
+            if not proc.is_alive():
+                raise SystemExit(f"the {name} run stopped with exit code {proc.exitcode} (see above)") from None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -272,7 +284,7 @@ def main(argv=None):
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(args, name, queue))
         proc.start()
-        results.append(queue.get())
+        results.append(_result_of(proc, queue, name))
         proc.join()
         print(flush=True)
     if len(results) > 1:

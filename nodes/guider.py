@@ -233,13 +233,16 @@ class CollaborativeGuider(comfy.samplers.CFGGuider):
         """Branch ``i``'s dynamic-diffuser logits, float32: the host's copy of the network, in its own dtype."""
         if self.diffuser is None:
             return None
-        bm = self.diffuser.patchers[self.branches[i].modality].model
+        patcher = self.diffuser.patchers[self.branches[i].modality]
+        bm = patcher.model
         dtype = bm.manual_cast_dtype or bm.get_dtype()
         xc = bm.model_sampling.calculate_input(sigma, x).to(dtype)
         ctx = self._contexts[i]
         ctx = comfy.utils.repeat_to_batch_size(ctx, x.shape[0]) if ctx.shape[0] != x.shape[0] else ctx
         ctx = ctx.to(device=x.device, dtype=dtype)
-        return bm.diffusion_model(xc, t.to(x.device), context=ctx).float()
+        # its own options (the pack's attention override, any the user patched in) reach its attention layers
+        options = dict(patcher.model_options.get("transformer_options", {}))
+        return bm.diffusion_model(xc, t.to(x.device), context=ctx, transformer_options=options).float()
 
     def _painted_map(self, i: int, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Branch ``i``'s painted influence MASK at the latent's size on its device, resized once per sampling."""

@@ -34,6 +34,7 @@ from ..collab_core.settings import (CONFIG_SUFFIXES, noise_schedule, resolve_con
                                     split_file_lists)
 from ..collab_core.vae import infer_vae_config, vae_ddconfig
 from ..collab_core.yaml_config import OfficialConfig
+from .attention import use_tiny_head_attention
 from .errors import CollabNodeError
 
 log = logging.getLogger("collaborative_diffusion")
@@ -243,7 +244,9 @@ def build_model(unet_sd: dict, *, modality: str, source: str, heads: int, heads_
         context_dim=int(unet_config.get("context_dim") or 0), latent_channels=int(unet_config["in_channels"]),
         model_channels=int(unet_config["model_channels"]), channel_mult=tuple(unet_config["channel_mult"]),
         scale_factor=float(scale_factor), role=role)
-    return host_patcher_class()(base, load_device=load_device, offload_device=offload)
+    patcher = host_patcher_class()(base, load_device=load_device, offload_device=offload)
+    use_tiny_head_attention(patcher, load_device)
+    return patcher
 
 
 def host_patcher_class():

@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=5, help="steps per timed run (a divisor of 1000)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--unet-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="the host's --fp32-unet / --bf16-unet for every network (auto: the host's own choice)")
     ap.add_argument("--keep-denormals", action="store_true",
                     help="do not flush denormal floats to zero (flushing is the default: it keeps the timing of "
                          "random-weight networks free of slow denormal arithmetic)")
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
     from comfy.cli_args import args as cargs
 
     cargs.cpu = not os.environ.get("BENCH_GPU")
+    cargs.fp32_unet, cargs.bf16_unet = args.unet_dtype == "float32", args.unet_dtype == "bfloat16"
     cargs.disable_api_nodes = True
     import comfy.model_management as mm
     import utils.extra_config  # noqa: F401
@@ -114,6 +117,9 @@ def main(argv=None) -> int:
                                       heads=heads, heads_from="bench", head_channels=None, scale_factor=0.141,
                                       schedule=sched, role="dynamic diffuser")
     diffuser = host.DynamicDiffuser(modalities=["mask", "text"], patchers=diff, source="random")
+    core_attention = sys.modules[str(REPO).replace(".", "_x_") + ".collab_core.tiny_attention"]
+    reason = core_attention.unavailable_reason(models["mask"].model_dtype())
+    attention = "the pack's tiny-head kernel" if reason is None else f"the host's own ({reason})"
     build_s = time.time() - t0
     dim = arch["context_dim"]
     g = torch.Generator().manual_seed(0)
@@ -174,7 +180,8 @@ def main(argv=None) -> int:
     print(f"{'sum of the branches':40s} wall {branch_sum:7.3f} s/step, cpu {cpu_sum:7.3f} s/step")
     print(f"collaborative / sum: wall {results[collab_label] / branch_sum:.3f}, cpu {cpu_results[collab_label] / cpu_sum:.3f}"
           f"  (device {mm.get_torch_device()}, {torch.get_num_threads()} threads, flush denormals "
-          f"{not args.keep_denormals}, {args.size} size, 64x64 latent, batch 1, build {build_s:.1f} s)")
+          f"{not args.keep_denormals}, {args.size} size, 64x64 latent, batch 1, build {build_s:.1f} s, networks "
+          f"{models['mask'].model_dtype()}, attention: {attention})")
     if args.json:
         args.json.write_text(json.dumps({"wall_per_step_s": results, "cpu_per_step_s": cpu_results,
                                          "intervals_s": raw, "sum_branches_wall_s": branch_sum,
@@ -182,6 +189,7 @@ def main(argv=None) -> int:
                                          "ratio_wall": results[collab_label] / branch_sum,
                                          "ratio_cpu": cpu_results[collab_label] / cpu_sum, "device": str(mm.get_torch_device()),
                                          "threads": torch.get_num_threads(), "size": args.size,
+                                         "dtype": str(models["mask"].model_dtype()), "attention": attention,
                                          "flush_denormal": not args.keep_denormals}, indent=2))
     return 0
 
