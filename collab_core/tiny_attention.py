@@ -153,7 +153,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads
     status = _load()[0].tiny_head_attention(
         int(query.dtype == torch.bfloat16), query.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
         b, heads, n, m, values.shape[-1], width, n * channels, channels, float(scale), torch.get_num_threads())
-    if status:  # only an unsupported width, which supports() excludes
+    if status == 2:
+        raise MemoryError(f"tiny-head attention: no memory for a {values.shape[-1]}-key score buffer")
+    if status:  # an unsupported width, which supports() excludes
         raise ConfigError(f"tiny-head attention refused width {width}")
     return out.to(query.dtype)
 

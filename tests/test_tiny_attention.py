@@ -182,3 +182,36 @@ def test_builds_into_the_named_cache(tmp_path, monkeypatch):
         assert _rel_max(ta.attention(q, k, v, 2), sdpa(q, k, v, 2)) < 1e-5
     finally:
         ta._load.cache_clear()
+
+
+@pytest.mark.parametrize("flag,want", [([], "auto"), (["--attention", "sdpa"], "sdpa")])
+def test_cli_attention_reaches_the_pipeline(monkeypatch, tmp_path, capsys, flag, want):
+    import collab_core.models
+    from collab_core.cli import main
+    from collab_core.errors import CollabError
+
+    seen = {}
+
+    def fake_load(*args, **kwargs):
+        seen.update(kwargs)
+        raise CollabError("stop here: models not needed")
+
+    monkeypatch.setattr(collab_core.models, "load_pipeline", fake_load)
+    code = main(["generate", "--device", "cpu", "--steps", "2", "--out", str(tmp_path / "o")] + flag)
+    assert code == 2 and "stop here" in capsys.readouterr().err
+    assert seen["attention"] == want
+
+
+def test_load_pipeline_gives_every_network_the_processor_unless_sdpa():
+    from collab_core.models import demo_bundle_dir, load_pipeline
+
+    if demo_bundle_dir() is None:
+        pytest.skip("no demo bundle")
+
+    def processors(pipe):
+        nets = [n for b in pipe.branches for n in (b.unet, b.diffuser) if n is not None]
+        assert len(nets) == 4
+        return {type(p).__name__ for n in nets for p in n.attn_processors.values()}
+
+    assert processors(load_pipeline()) == {"TinyHeadAttnProcessor"}
+    assert processors(load_pipeline(attention="sdpa")) == {"AttnProcessor2_0"}

@@ -39,7 +39,36 @@ inline __m512 exp2_nonpositive(__m512 t) {
   return _mm512_scalef_ps(p, n);
 }
 
-const float kLog2e = 1.4426950408889634f;
+// Stores 16 scores (keys j..j+15; those at or past m, the zero padding, set to -inf) and returns the running maximum.
+inline __m512 store_scores(__m512 acc, int64_t j, int64_t m, float* s, __m512 mx) {
+  if (j + 16 > m) {
+    const int64_t keep = m > j ? m - j : 0;
+    acc = _mm512_mask_mov_ps(acc, (__mmask16)(0xFFFFu << keep), _mm512_set1_ps(-INFINITY));
+  }
+  _mm512_storeu_ps(s + j, acc);
+  return _mm512_max_ps(mx, acc);
+}
+
+// exp(scale * (score - max)) of 16 stored scores, as 2^(score * scale*log2e - max * scale*log2e).
+struct Exponent {
+  __m512 a, b;
+  Exponent(float scale, __m512 mx) {
+    const float k = scale * 1.4426950408889634f;
+    a = _mm512_set1_ps(k);
+    b = _mm512_set1_ps(k * _mm512_reduce_max_ps(mx));
+  }
+  template <int DEGREE>
+  __m512 exp(const float* scores) const {
+    return exp2_nonpositive<DEGREE>(_mm512_fmsub_ps(_mm512_loadu_ps(scores), a, b));
+  }
+};
+
+// out[c] = (the lanes' sum of o[c]) / (the lanes' sum of l): the weighted values over the sum of the weights.
+template <int D>
+inline void write_output(__m512 l, const __m512* o, float* out) {
+  const float inv = 1.0f / _mm512_reduce_add_ps(l);
+  for (int c = 0; c < D; ++c) out[c] = _mm512_reduce_add_ps(o[c]) * inv;
+}
 
 // One query against all keys of its head, float32.
 template <int D>
@@ -51,24 +80,17 @@ void query_f32(const float* q, const float* kt, const float* vt, int64_t m, int6
   for (int64_t j = 0; j < mp; j += 16) {
     __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kt + j));
     for (int c = 1; c < D; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kt + c * mp + j), acc);
-    if (j + 16 > m) {
-      const int64_t keep = m > j ? m - j : 0;
-      acc = _mm512_mask_mov_ps(acc, (__mmask16)(0xFFFFu << keep), _mm512_set1_ps(-INFINITY));
-    }
-    _mm512_storeu_ps(s + j, acc);
-    mx = _mm512_max_ps(mx, acc);
+    mx = store_scores(acc, j, m, s, mx);
   }
-  const float a = scale * kLog2e;
-  const __m512 av = _mm512_set1_ps(a), bv = _mm512_set1_ps(a * _mm512_reduce_max_ps(mx));
+  const Exponent e(scale, mx);
   __m512 l = _mm512_setzero_ps(), o[D];
   for (int c = 0; c < D; ++c) o[c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < mp; j += 16) {
-    const __m512 p = exp2_nonpositive<6>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), av, bv));
+    const __m512 p = e.exp<6>(s + j);
     l = _mm512_add_ps(l, p);
     for (int c = 0; c < D; ++c) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + c * mp + j), o[c]);
   }
-  const float inv = 1.0f / _mm512_reduce_add_ps(l);
-  for (int c = 0; c < D; ++c) out[c] = _mm512_reduce_add_ps(o[c]) * inv;
+  write_output<D>(l, o, out);
 }
 
 inline uint32_t bf16_pair(const uint16_t* q, int c, int d) {
@@ -87,27 +109,20 @@ void query_bf16(const uint16_t* q, const uint16_t* kp, const uint16_t* vt, int64
     __m512 acc = _mm512_setzero_ps();
     for (int p = 0; p < P; ++p)
       acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(kp + (p * mp + j) * 2), qv[p]);
-    if (j + 16 > m) {
-      const int64_t keep = m > j ? m - j : 0;
-      acc = _mm512_mask_mov_ps(acc, (__mmask16)(0xFFFFu << keep), _mm512_set1_ps(-INFINITY));
-    }
-    _mm512_storeu_ps(s + j, acc);
-    mx = _mm512_max_ps(mx, acc);
+    mx = store_scores(acc, j, m, s, mx);
   }
-  const float a = scale * kLog2e;
-  const __m512 av = _mm512_set1_ps(a), bv = _mm512_set1_ps(a * _mm512_reduce_max_ps(mx));
+  const Exponent e(scale, mx);
   __m512 l = _mm512_setzero_ps(), o[D];
   for (int c = 0; c < D; ++c) o[c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < mp; j += 32) {
-    const __m512 p0 = exp2_nonpositive<4>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), av, bv));
-    const __m512 p1 = exp2_nonpositive<4>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), av, bv));
+    const __m512 p0 = e.exp<4>(s + j);
+    const __m512 p1 = e.exp<4>(s + j + 16);
     l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
     const __m512bh pb = _mm512_cvtne2ps_pbh(p1, p0);  // elements 0-15: keys j..j+15, 16-31: the next 16
     for (int c = 0; c < D; ++c)
       o[c] = _mm512_dpbf16_ps(o[c], pb, (__m512bh)_mm512_loadu_si512(vt + c * mp + j));
   }
-  const float inv = 1.0f / _mm512_reduce_add_ps(l);
-  for (int c = 0; c < D; ++c) out[c] = _mm512_reduce_add_ps(o[c]) * inv;
+  write_output<D>(l, o, out);
 }
 
 typedef void (*F32Query)(const float*, const float*, const float*, int64_t, int64_t, float, float*, float*);
@@ -128,18 +143,24 @@ extern "C" {
 
 int tiny_head_attention_max_width(void) { return 32; }
 
-// Returns 0 on success, 1 when the head width is unsupported (the caller falls back).
+// Returns 0 on success, 1 when the head width is unsupported, 2 when a thread's score buffer could not be allocated.
 int tiny_head_attention(int bf16, const void* q, const void* k, const void* v, float* out, int64_t batch,
                         int64_t heads, int64_t n, int64_t m, int64_t mp, int64_t d, int64_t q_stride_b,
                         int64_t q_stride_n, float scale, int threads) {
   if (d < 1 || d > 32 || mp % 32) return 1;
   const int64_t dp = (d + 1) / 2 * 2;
   const int64_t items = batch * heads * n;
+  int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
     float* s = (float*)aligned_alloc(64, (size_t)mp * sizeof(float));
+    if (!s) {
+#pragma omp atomic write
+      failed = 1;
+    }
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
+      if (!s) continue;
       const int64_t i = it % n, bh = it / n, b = bh / heads, h = bh % heads;
       const int64_t qoff = b * q_stride_b + i * q_stride_n + h * d;
       if (bf16) {
@@ -154,6 +175,6 @@ int tiny_head_attention(int bf16, const void* q, const void* k, const void* v, f
     }
     free(s);
   }
-  return 0;
+  return failed ? 2 : 0;
 }
 }
