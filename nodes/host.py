@@ -28,6 +28,7 @@ import folder_paths
 
 from ..collab_core.checkpoint import read_checkpoint_metadata
 from ..collab_core.layout import CheckpointParts
+from ..collab_core.precision import cpu_has_native_bf16
 from ..collab_core.models import WHERE_TO_GET, build_encoder, demo_bundle_dir, demo_defaults
 from ..collab_core.schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS
 from ..collab_core.settings import (CONFIG_SUFFIXES, noise_schedule, resolve_config, resolve_scale_factor,
@@ -231,7 +232,7 @@ def build_model(unet_sd: dict, *, modality: str, source: str, heads: int, heads_
     params = comfy.utils.calculate_parameters(unet_sd)
     dtype = comfy.model_management.unet_dtype(model_params=params, supported_dtypes=cfg.supported_inference_dtypes,
                                               weight_dtype=comfy.utils.weight_dtype(unet_sd))
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, cfg.supported_inference_dtypes)
+    manual_cast = compute_dtype(dtype, load_device, cfg.supported_inference_dtypes)
     cfg.set_inference_dtype(dtype, manual_cast)
     base = comfy.model_base.BaseModel(cfg, comfy.model_base.ModelType.EPS, device=offload)
     missing, unexpected = base.diffusion_model.load_state_dict(unet_sd, strict=False)
@@ -247,6 +248,18 @@ def build_model(unet_sd: dict, *, modality: str, source: str, heads: int, heads_
     patcher = host_patcher_class()(base, load_device=load_device, offload_device=offload)
     use_tiny_head_attention(patcher, load_device)
     return patcher
+
+
+def compute_dtype(weight_dtype: torch.dtype, load_device, supported: list) -> Optional[torch.dtype]:
+    """The dtype the networks compute in (None: their weights' own), as the host's ``unet_manual_cast`` decides,
+    except bfloat16 weights on a CPU with native bfloat16 dot products (AVX512-BF16, AMX, Arm BF16): the host casts
+    them to float32 on every CPU, because bfloat16 is emulated and slow on most; on these it is about twice as fast
+    as float32, so they compute in bfloat16 (``--bf16-unet`` on such a CPU then means what it says)."""
+    cast = comfy.model_management.unet_manual_cast(weight_dtype, load_device, supported)
+    if (weight_dtype == torch.bfloat16 and cast is not None and torch.device(load_device).type == "cpu"
+            and cpu_has_native_bf16()):
+        return None
+    return cast
 
 
 def host_patcher_class():

@@ -151,20 +151,27 @@ def main(argv=None) -> int:
             return None, None, [], []
         return statistics.median(steps_s), statistics.median(cpu_s), steps_s, cpu_s
 
+    def call(class_type, **inputs):
+        """One node by its registered id and input names (V1 or V3 alike: the host's FUNCTION, outputs' first)."""
+        obj = M[class_type]()
+        out = getattr(obj, obj.FUNCTION)(**inputs)
+        return (tuple(out.args) if hasattr(out, "args") else out)[0]
+
     def unimodal(name):
         def fn(steps):
-            noise = M["RandomNoise"]().get_noise(0)[0]
-            guider = M["BasicGuider"]().get_guider(models[name], conds[name])[0]
-            sampler = M["CollabReferenceSampler"]().get_sampler(1.0)[0]
-            sigmas = M["BasicScheduler"]().get_sigmas(models[name], "ddim_uniform", steps, 1.0)[0]
-            M["SamplerCustomAdvanced"]().sample(noise, guider, sampler, sigmas, latent)
+            call("SamplerCustomAdvanced", noise=call("RandomNoise", noise_seed=0),
+                 guider=call("BasicGuider", model=models[name], conditioning=conds[name]),
+                 sampler=call("CollabReferenceSampler", eta=1.0),
+                 sigmas=call("BasicScheduler", model=models[name], scheduler="ddim_uniform", steps=steps, denoise=1.0),
+                 latent_image=latent)
         return fn
 
     def collaborative(steps):
-        br = M["CollabBranch"]().add(models["mask"], conds["mask"])[0]
-        br = M["CollabBranch"]().add(models["text"], conds["text"], branches=br)[0]
-        M["CollabKSampler"]().sample(br, latent, 0, steps, 1.0, "reference_ddim", "ddim_uniform", 1.0, 1.0,
-                                     "reference", dynamic_diffuser=diffuser)
+        br = call("CollabBranch", model=models["mask"], positive=conds["mask"])
+        br = call("CollabBranch", model=models["text"], positive=conds["text"], branches=br)
+        call("CollabKSampler", branches=br, latent_image=latent, seed=0, steps=steps, cfg=1.0,
+             sampler_name="reference_ddim", scheduler="ddim_uniform", denoise=1.0, eta=1.0, influence="reference",
+             dynamic_diffuser=diffuser)
 
     results, cpu_results, raw = {}, {}, {}
     for label, fn in (("mask alone", unimodal("mask")), ("text alone", unimodal("text")),
