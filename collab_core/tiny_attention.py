@@ -124,7 +124,7 @@ def supports(query: torch.Tensor, width: int) -> bool:
             and unavailable_reason(query.dtype) is None)
 
 
-def _pad_keys(x: torch.Tensor, width: int) -> torch.Tensor:
+def _pad_keys(x: torch.Tensor) -> torch.Tensor:
     """[..., M] → [..., Mp] with zero keys up to the block size (the kernel masks them out of the softmax)."""
     pad = -x.shape[-1] % _KEY_BLOCK
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
@@ -138,17 +138,18 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads
     m, width = key.shape[1], channels // heads
     scale = width ** -0.5 if scale is None else scale
     query = query.contiguous()
+    key, value = key.to(query.dtype), value.to(query.dtype)  # the kernel reads one dtype
     per_head = lambda x: x.reshape(b, m, heads, width).permute(0, 2, 3, 1)  # noqa: E731  [B, H, D, M]
-    values = _pad_keys(per_head(value), width).contiguous()
+    values = _pad_keys(per_head(value)).contiguous()
     if query.dtype == torch.bfloat16:
         # channel pairs side by side per key, for one two-channel dot product per lane
         keys = per_head(key)
         if width % 2:
             keys = torch.nn.functional.pad(keys, (0, 0, 0, 1))
-        keys = _pad_keys(keys, width)
+        keys = _pad_keys(keys)
         keys = keys.reshape(b, heads, keys.shape[2] // 2, 2, -1).transpose(-1, -2).contiguous()
     else:
-        keys = _pad_keys(per_head(key), width).contiguous()
+        keys = _pad_keys(per_head(key)).contiguous()
     out = torch.empty(b, n, channels, dtype=torch.float32)
     status = _load()[0].tiny_head_attention(
         int(query.dtype == torch.bfloat16), query.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
