@@ -39,8 +39,8 @@ from .precision import _cpu_flags
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ATTENTION_CHOICES", "TinyHeadAttnProcessor", "attention", "supports", "unavailable_reason",
-           "use_tiny_head_attention"]
+__all__ = ["ATTENTION_CHOICES", "TinyHeadAttnProcessor", "attention", "needs_grad", "supports",
+           "unavailable_reason", "use_tiny_head_attention"]
 
 ATTENTION_CHOICES = ("auto", "sdpa")
 SOURCE = Path(__file__).resolve().parent / "kernels" / "tiny_head_attention.cpp"
@@ -119,9 +119,16 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> Optional[str]:
 
 def supports(query: torch.Tensor, width: int) -> bool:
     """Whether :func:`attention` takes this call: a CPU tensor of a supported dtype, head width ≤ 32 and the kernel
-    built. (It has no backward: callers that need gradients use SDPA.)"""
+    built. (It has no backward: callers ask :func:`needs_grad` too, and use SDPA where it says so.)"""
     return (query.device.type == "cpu" and 1 <= width <= MAX_WIDTH and query.dtype in _CPU_NEEDS
             and unavailable_reason(query.dtype) is None)
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a gradient will flow back through an attention whose result depends on ``tensors`` (inputs,
+    weights; None ignored): training and Imagic's fine-tuning differentiate through attention, which the kernel
+    cannot."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _pad_keys(x: torch.Tensor) -> torch.Tensor:
@@ -178,18 +185,11 @@ class TinyHeadAttnProcessor:
                 and attn.rescale_output_factor == 1.0 and attn.norm_q is None and attn.norm_k is None
                 and attn.norm_cross is None)
 
-    @staticmethod
-    def _needs_grad(attn, hidden_states, encoder_hidden_states) -> bool:
-        """Training and Imagic's fine-tuning differentiate through attention; the kernel has no backward."""
-        return torch.is_grad_enabled() and (
-            hidden_states.requires_grad or (encoder_hidden_states is not None and encoder_hidden_states.requires_grad)
-            or any(p.requires_grad for p in attn.parameters()))
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         width = attn.inner_dim // attn.heads
         if not (self._plain(attn, hidden_states, attention_mask, temb) and supports(hidden_states, width)
-                and not self._needs_grad(attn, hidden_states, encoder_hidden_states)):
+                and not needs_grad(hidden_states, encoder_hidden_states, *attn.parameters())):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         out = attention(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads, attn.scale)

@@ -23,8 +23,7 @@ def tiny_head_override(func, q, k, v, heads, *args, mask=None, skip_reshape=Fals
     """An ``optimized_attention_override``: ``func`` is the host's attention function, the rest its arguments."""
     plain = (not args and mask is None and not skip_reshape and not skip_output_reshape and q.ndim == 3
              and kwargs.get("scale") is None and q.dtype == k.dtype == v.dtype and q.shape[-1] % heads == 0)
-    if plain and tiny_attention.supports(q, q.shape[-1] // heads) and not (
-            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if plain and tiny_attention.supports(q, q.shape[-1] // heads) and not tiny_attention.needs_grad(q, k, v):
         return tiny_attention.attention(q, k, v, heads)
     return func(q, k, v, heads, *args, mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
                 **kwargs)

@@ -28,8 +28,8 @@ import folder_paths
 
 from ..collab_core.checkpoint import read_checkpoint_metadata
 from ..collab_core.layout import CheckpointParts
-from ..collab_core.precision import cpu_has_native_bf16
 from ..collab_core.models import WHERE_TO_GET, build_encoder, demo_bundle_dir, demo_defaults
+from ..collab_core.precision import cpu_has_native_bf16
 from ..collab_core.schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS
 from ..collab_core.settings import (CONFIG_SUFFIXES, noise_schedule, resolve_config, resolve_scale_factor,
                                     split_file_lists)

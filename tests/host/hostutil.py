@@ -86,6 +86,16 @@ def combo_options(entry) -> list:
     return list(entry[1]["options"]) if entry[0] == "COMBO" else list(entry[0])
 
 
+def pack_module(relative: str):
+    """The pack's module from ``relative`` (e.g. ``"nodes/attention.py"``) as the host loaded it (under its custom
+    node package name, never re-imported)."""
+    import sys
+
+    want = REPO / relative
+    return next(m for m in list(sys.modules.values())
+                if getattr(m, "__file__", None) and Path(m.__file__).resolve() == want)
+
+
 def node(host_ns, class_type: str):
     """An instance of a registered node class (fetched from the host registry, never re-imported)."""
     return host_ns.mappings[class_type]()

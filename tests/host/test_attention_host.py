@@ -3,21 +3,17 @@ UNet and every dynamic diffuser attends through it, and the picture is the one t
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
 from graphs import collaborative_graph
-from hostutil import REPO
+from hostutil import pack_module
 
 
 def _pack_attention():
-    want = REPO / "nodes" / "attention.py"
-    return next(m for m in list(sys.modules.values())
-                if getattr(m, "__file__", None) and Path(m.__file__).resolve() == want)
+    return pack_module("nodes/attention.py")
 
 
 def _models(r):

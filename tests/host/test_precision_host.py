@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from graphs import collaborative_graph
+from hostutil import pack_module
 
 #: bfloat16 vs float32 on the tiny fixture models, 10 steps: the largest latent difference relative to the
 #: latent's largest value. bfloat16 keeps 8 mantissa bits (relative rounding 2**-9 ≈ 2e-3 per operation); measured
@@ -19,20 +20,6 @@ from graphs import collaborative_graph
 #: to float32); docs/precision.md measures the demo and the official shapes. 2e-2 leaves
 #: room for other hosts' casting choices while failing on a wrong dtype path.
 TOLERANCE = 2e-2
-_COMPUTES: dict = {}  # flag -> the dtypes the networks computed in
-
-
-def _native_bf16() -> bool:
-    """The pack's own feature check, as the pack loaded into the host sees it."""
-    import sys
-    from pathlib import Path
-
-    from hostutil import REPO
-
-    want = REPO / "collab_core" / "precision.py"
-    module = next(m for m in list(sys.modules.values())
-                  if getattr(m, "__file__", None) and Path(m.__file__).resolve() == want)
-    return module.cpu_has_native_bf16()
 
 
 def _run(host, monkeypatch, flag: str | None):
@@ -40,7 +27,7 @@ def _run(host, monkeypatch, flag: str | None):
 
     for name in ("bf16_unet", "fp16_unet", "fp32_unet"):
         monkeypatch.setattr(args, name, name == flag, raising=False)
-    seen, computes = {}, _COMPUTES.setdefault(flag, set())
+    seen, computes = {}, set()
     r = host.run(collaborative_graph(host.mask_name, steps=10, eta=0.0))
     assert r.valid and r.success, [m for m in r.messages if m[0] == "execution_error"]
     models = [r.outputs["t"][0][0], r.outputs["m"][0][0]] + list(r.outputs["d"][0][0].patchers.values())
@@ -48,24 +35,25 @@ def _run(host, monkeypatch, flag: str | None):
         seen[m.model.collab_info.modality + "/" + m.model.collab_info.role] = m.model_dtype()
         computes.add(m.model.manual_cast_dtype or m.model_dtype())
     monkeypatch.undo()
-    return r.outputs["ks"][0][0]["samples"], seen
+    return r.outputs["ks"][0][0]["samples"], seen, computes
 
 
 @pytest.mark.parametrize("flag,dtype", [("bf16_unet", torch.bfloat16), ("fp32_unet", torch.float32)])
 def test_the_hosts_unet_dtype_flags_reach_every_branch_and_diffuser(host, monkeypatch, flag, dtype):
-    latent, seen = _run(host, monkeypatch, flag)
+    latent, seen, computes = _run(host, monkeypatch, flag)
     assert set(seen) == {"text/unet", "mask/unet", "text/dynamic diffuser", "mask/dynamic diffuser"}, seen
     assert all(d == dtype for d in seen.values()), seen
     assert latent.dtype == torch.float32 and torch.isfinite(latent).all()
     # bfloat16 weights compute in bfloat16 where the CPU has native bfloat16 (the host itself would cast them to
     # float32 on every CPU); float32 always computes in float32
-    want = torch.bfloat16 if dtype == torch.bfloat16 and _native_bf16() else torch.float32
-    assert _COMPUTES[flag] == {want}, _COMPUTES[flag]
+    native = pack_module("collab_core/precision.py").cpu_has_native_bf16()  # the pack's own feature check
+    want = torch.bfloat16 if dtype == torch.bfloat16 and native else torch.float32
+    assert computes == {want}, computes
 
 
 def test_a_bfloat16_collaborative_graph_stays_within_the_documented_tolerance(host, monkeypatch):
-    reference, _ = _run(host, monkeypatch, "fp32_unet")
-    reduced, seen = _run(host, monkeypatch, "bf16_unet")
+    reference, _, _ = _run(host, monkeypatch, "fp32_unet")
+    reduced, seen, _ = _run(host, monkeypatch, "bf16_unet")
     assert all(d == torch.bfloat16 for d in seen.values())
     rel = float((reduced - reference).abs().max()) / float(reference.abs().max())
     print(f"\nbfloat16 vs float32 (tiny fixture models, 10 steps): rel {rel:.2e}")
